@@ -1,0 +1,88 @@
+"""Networks as pairs of pure functions.
+
+A :class:`Model` hides Flax behind two functions so methods never see module
+objects:
+
+* ``init(key) -> variables``: ``{"params": ..., "batch_stats": ...}``
+  (``batch_stats`` is an empty dict for networks without BatchNorm).
+* ``apply(variables, x, train) -> (logits, variables)``: ``x`` is a raw batch
+  as stored (float32 in [0, 1] or uint8, flat or ``[N, C, H, W]``); the model
+  scales and reshapes it. With ``train=True`` BatchNorm uses batch statistics
+  and the returned variables carry the updated running averages; with
+  ``train=False`` it uses the running averages and returns ``variables``
+  unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Variables = Any
+
+
+class Model(NamedTuple):
+  init: Callable[[jax.Array], Variables]
+  apply: Callable[[Variables, jax.Array, bool], tuple[jax.Array, Variables]]
+  name: str = "model"
+
+
+def to_float(x: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1]; floats pass through as float32."""
+  if x.dtype == jnp.uint8:
+    return x.astype(jnp.float32) / 255.0
+  return x.astype(jnp.float32)
+
+
+def from_flax(module, input_shape: tuple[int, ...], name: str,
+              preprocess: Callable[[jax.Array], jax.Array] = to_float) -> Model:
+  """Wraps a Flax module whose ``__call__(x, train)`` returns logits."""
+
+  def init(key):
+    dummy = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    variables = module.init(key, preprocess(dummy), train=False)
+    variables = dict(variables)
+    variables.setdefault("batch_stats", {})
+    return {"params": variables["params"],
+            "batch_stats": variables["batch_stats"]}
+
+  def apply(variables, x, train):
+    x = preprocess(x)
+    if train and jax.tree_util.tree_leaves(variables["batch_stats"]):
+      logits, updates = module.apply(variables, x, train=True,
+                                     mutable=["batch_stats"])
+      return logits, {"params": variables["params"],
+                      "batch_stats": updates["batch_stats"]}
+    return module.apply(variables, x, train=train), variables
+
+  return Model(init=init, apply=apply, name=name)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,
+                hidden: tuple[int, ...] = (128, 128, 128)) -> Model:
+  """Builds a network by name.
+
+  ``"auto"`` picks the reference's choice from the input shape: the MLP for
+  flat inputs of 784, the reduced ResNet-18 for 32x32 / 84x84 images, the full
+  ResNet-18 for 224x224.
+  """
+  from bcl_jax.models import mlp  # local: keeps import cheap for data tools
+  if name == "auto":
+    n = 1
+    for d in input_shape:
+      n *= d
+    if len(input_shape) == 1 and n != 3072:
+      name = "mlp"
+    elif n in (3072, 3 * 84 * 84):
+      name = "resnet18_reduced"
+    else:
+      name = "resnet18"
+  if name == "mlp":
+    return mlp.make_mlp(input_shape, n_outputs, hidden)
+  if name in ("resnet18_reduced", "resnet18"):
+    from bcl_jax.models import resnet
+    return resnet.make_resnet(name, input_shape, n_outputs)
+  raise ValueError(f"unknown model {name!r}; choose one of "
+                   "'auto', 'mlp', 'resnet18_reduced', 'resnet18'")
