@@ -1,0 +1,183 @@
+"""Split CUB-200-2011 (the reference's ``cub-cl.pt``; it ships no script).
+
+Sources:
+
+- the extracted official ``CUB_200_2011`` folder (``images.txt``,
+  ``image_class_labels.txt``, ``train_test_split.txt``,
+  ``images/<class>/<file>.jpg``) from the Caltech-UCSD Birds-200-2011 page,
+  https://www.vision.caltech.edu/datasets/cub_200_2011/ (the official
+  train/test split: 5994 / 5794 images);
+- ``tfds:DIR``, a TensorFlow Datasets data dir holding ``caltech_birds2011``
+  (needs the ``tfds`` extra).
+
+Every image is converted to RGB and resized to ``size x size`` (224, bilinear,
+aspect ratio not kept), stored uint8 ``[N, 3, size, size]``. Images are decoded
+one by one into preallocated arrays, so the full dataset peaks at about twice
+its uint8 size (~3.6 GB at 224: the arrays plus the per-task copies).
+Samples keep ``images.txt`` order (image id). The split is the one of
+:mod:`bcl_jax.data.images`: 200 classes relabelled by
+``torch_randperm(200, seed)``, 20 tasks of 10, tasks 0-2 -> ``cub-val``
+(labels 0..29), tasks 3-19 -> ``cub-cl`` (labels 0..169).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bcl_jax.data.benchmark import Benchmark
+from bcl_jax.data.errors import DataError
+from bcl_jax.data import images
+
+CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
+_WHAT = ("the extracted CUB_200_2011 folder (images.txt, "
+         "image_class_labels.txt, train_test_split.txt, images/) from the "
+         f"Caltech-UCSD Birds-200-2011 page {CUB_URL}, or tfds:DIR for a TFDS "
+         "data dir holding caltech_birds2011")
+_META = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_table(path: str) -> dict[int, str]:
+  """Reads ``<id> <value>`` lines into ``{id: value}``."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: missing; extract CUB_200_2011.tgz from "
+                    f"{CUB_URL} completely")
+  table = {}
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      parts = line.split(maxsplit=1)
+      try:
+        table[int(parts[0])] = parts[1].strip()
+      except (ValueError, IndexError):
+        raise DataError(f"{path}:{n}: expected '<image id> <value>', got "
+                        f"{line.strip()!r}; re-extract it from {CUB_URL}"
+                        ) from None
+  return table
+
+
+def read_cub_folder(folder: str, size: int = 224,
+                    progress_bar: bool = True) -> Arrays:
+  """Reads the official ``CUB_200_2011`` folder.
+
+  Returns:
+    ``(x_tr uint8 [N, 3, size, size], y_tr int64, x_te, y_te)``, labels
+    ``class id - 1`` in ``[0, 200)``, samples in image-id order.
+  """
+  paths, labels, is_train = (_read_table(os.path.join(folder, name))
+                             for name in _META)
+  ids = sorted(paths)
+  if set(labels) != set(ids) or set(is_train) != set(ids):
+    raise DataError(f"{folder}: images.txt, image_class_labels.txt and "
+                    "train_test_split.txt list different image ids; "
+                    f"re-extract CUB_200_2011.tgz from {CUB_URL}")
+  try:
+    y = np.array([int(labels[i]) - 1 for i in ids], np.int64)
+    train = np.array([int(is_train[i]) == 1 for i in ids])
+  except ValueError:
+    raise DataError(f"{folder}: non-integer class or split entries; "
+                    f"re-extract CUB_200_2011.tgz from {CUB_URL}") from None
+  if y.min() < 0:
+    raise DataError(f"{folder}: image_class_labels.txt has class ids < 1")
+  x = {s: np.empty((int(m.sum()), 3, size, size), np.uint8)
+       for s, m in (("train", train), ("test", ~train))}
+  slot = {"train": 0, "test": 0}
+  image_dir = os.path.join(folder, "images")
+  for k in images.progress(range(len(ids)), total=len(ids), desc="cub images",
+                           enabled=progress_bar, unit="img"):
+    path = os.path.join(image_dir, paths[ids[k]])
+    s = "train" if train[k] else "test"
+    x[s][slot[s]] = images.decode_image(path, size, path)
+    slot[s] += 1
+  return x["train"], y[train], x["test"], y[~train]
+
+
+def read_cub_tfds(data_dir: str | None, size: int = 224,
+                  progress_bar: bool = True) -> Arrays:
+  """Reads ``caltech_birds2011`` from a TFDS data dir (no download)."""
+  where = data_dir or "the default TFDS data dir"
+  tfds = images.tfds_module(where)
+  out = []
+  for split in ("train", "test"):
+    try:
+      ds = tfds.load("caltech_birds2011", split=split, data_dir=data_dir,
+                     download=False)
+    except Exception as e:  # TFDS raises many types for a missing dataset.
+      raise DataError(f"{where}: TFDS cannot load caltech_birds2011/{split} "
+                      f"({e}); run tfds build caltech_birds2011 for that data "
+                      f"dir, or pass the CUB_200_2011 folder from {CUB_URL}"
+                      ) from None
+    xs, ys = [], []
+    for ex in images.progress(tfds.as_numpy(ds), desc=f"cub {split}",
+                              enabled=progress_bar, unit="img"):
+      img = np.asarray(ex["image"])
+      if img.ndim == 2:
+        img = img[..., None]
+      if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+      from PIL import Image
+      im = Image.fromarray(img[..., :3].astype(np.uint8))
+      if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+      xs.append(np.asarray(im).transpose(2, 0, 1))
+      ys.append(int(ex["label"]))
+    if not xs:
+      raise DataError(f"{where}: caltech_birds2011/{split} is empty")
+    out += [np.stack(xs), np.array(ys, np.int64)]
+  return tuple(out)
+
+
+def read_cub(source: str | os.PathLike, size: int = 224,
+             progress_bar: bool = True) -> Arrays:
+  """Reads CUB-200-2011 from the official folder or ``tfds:DIR``.
+
+  A folder without ``images.txt`` is searched for a ``CUB_200_2011``
+  subfolder, then for a TFDS ``caltech_birds2011`` subfolder.
+
+  Raises:
+    DataError: missing or malformed source, saying what to put where.
+  """
+  is_tfds, path = images.split_tfds_source(source)
+  if is_tfds:
+    return read_cub_tfds(path, size, progress_bar)
+  if not os.path.exists(path):
+    raise DataError(f"{path}: not found; put {_WHAT} there")
+  if os.path.isfile(path):
+    if path.endswith((".tgz", ".tar.gz", ".tar")):
+      raise DataError(f"{path}: extract the archive first (tar xzf) and pass "
+                      "the CUB_200_2011 folder it creates")
+    raise DataError(f"{path}: is a file; pass {_WHAT}")
+  if os.path.isfile(os.path.join(path, "images.txt")):
+    return read_cub_folder(path, size, progress_bar)
+  if os.path.isdir(os.path.join(path, "CUB_200_2011")):
+    return read_cub(os.path.join(path, "CUB_200_2011"), size, progress_bar)
+  if os.path.isdir(os.path.join(path, "caltech_birds2011")):
+    return read_cub_tfds(path, size, progress_bar)
+  raise DataError(f"{path}: holds no images.txt; put {_WHAT} there")
+
+
+def build_cub(source: str | os.PathLike, seed: int = 0, size: int = 224,
+              n_tasks: int = 20, n_val_tasks: int = 3,
+              progress_bar: bool = True) -> tuple[Benchmark, Benchmark]:
+  """Split CUB-200-2011: ``(cub-val, cub-cl)``.
+
+  Args:
+    source: see :func:`read_cub`.
+    seed: seed of the class permutation.
+    size: output height and width (224 as in the paper; tests use less).
+    n_tasks: tasks of ``n_classes // n_tasks`` classes (20 -> 10 each).
+    n_val_tasks: leading tasks kept for cross-validation (3).
+    progress_bar: show a tqdm bar while decoding.
+
+  Returns:
+    Task-incremental benchmarks, x uint8 ``[N, 3, size, size]``.
+  """
+  x_tr, y_tr, x_te, y_te = read_cub(source, size, progress_bar)
+  n_classes = int(max(y_tr.max(), y_te.max())) + 1
+  return images.split_tasks("cub", x_tr, y_tr, x_te, y_te,
+                            n_classes=n_classes, seed=seed, n_tasks=n_tasks,
+                            n_val_tasks=n_val_tasks, source=os.fspath(source))
