@@ -1,0 +1,431 @@
+"""ResNet-18s of the reference: the reduced one (CIFAR / miniImageNet) and the
+torchvision one (CUB, ImageNet-pretrained).
+
+Both follow PyTorch exactly where it changes numbers (spec section 4):
+
+* :class:`BatchNorm` reproduces ``torch.nn.BatchNorm2d``: it normalises with
+  the biased batch variance but folds the *unbiased* variance into
+  ``running_var``; momentum 0.1 weights the new batch.
+* Convolutions pad explicitly like PyTorch (``padding=1`` / ``3``), never
+  ``"SAME"``, which pads asymmetrically for stride 2 on even sizes.
+* Initialisation matches PyTorch's defaults (see :func:`torch_default_init`).
+* Parameter paths mirror the PyTorch module names, so ``layer2.0.conv1.weight``
+  is ``params["layer2"]["0"]["conv1"]["kernel"]`` and a torchvision state dict
+  maps onto :class:`ResNet18` one to one (:func:`torchvision_names`).
+
+Pooling. The reference's reduced net (``model/common.py::ResNet``, used by
+BCL for CIFAR-100 and miniImageNet) has a max-pool 3x3/2 after the stem and an
+``AdaptiveAvgPool2d((1, 1))`` head; so does ours (a mean over H and W). For
+32x32 inputs the last stage is 2x2; for 84x84 it is 6x6 (84 -> 42 after the
+pool -> 42, 21, 11, 6 through the stages) and both nets average it globally,
+so 84x84 inputs give 160 features as well. GEM's older reduced ResNet has no
+max-pool and a fixed ``avg_pool2d(out, 4)``, which is global only at 32x32 (its
+4x4 last stage); at 84x84 it would leave a 2x2 map and break the linear layer.
+We follow BCL. One difference at the input: the reference reshapes *flat*
+inputs to ``(3, 32, 32)`` unconditionally (a flat 84x84 batch would crash
+there), while :func:`images_to_nhwc` infers ``H = W = sqrt(D / 3)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from bcl_jax.models import Model, Variables, from_flax, to_float
+
+Initializer = Callable[..., jax.Array]
+
+STAGE_STRIDES = (1, 2, 2, 2)
+BLOCKS_PER_STAGE = (2, 2, 2, 2)
+
+
+# ---------------------------------------------------------------------------
+# Initialisers.
+
+
+def torch_default_init() -> Initializer:
+  """PyTorch's default conv / linear weight init.
+
+  ``kaiming_uniform_(a=sqrt(5))`` has gain ``sqrt(2 / (1 + 5))`` and bound
+  ``gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in)``; a uniform variance scaling
+  with scale 1/3 has bound ``sqrt(3 * scale / fan_in)``, the same. Flax's
+  ``fan_in`` of an HWIO kernel is ``H * W * I``, PyTorch's too.
+  """
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default linear bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torchvision_conv_init() -> Initializer:
+  """torchvision ResNet's ``kaiming_normal_(mode='fan_out', relu)``.
+
+  N(0, 2 / fan_out) with ``fan_out = H * W * O``; JAX's ``"normal"`` is the
+  untruncated one (``"truncated_normal"`` would differ).
+  """
+  return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm2d`` over the last (channel) axis.
+
+  Training: ``y = (x - mu) / sqrt(var_b + eps) * scale + bias`` with ``mu``
+  and the biased variance ``var_b`` over all other axes (``n`` values per
+  channel); running averages become
+  ``mean <- (1 - m) * mean + m * mu`` and
+  ``var <- (1 - m) * var + m * var_b * n / (n - 1)``. Inference uses the
+  running averages and changes nothing. Running statistics sit in the
+  ``batch_stats`` collection as ``mean`` (init 0) and ``var`` (init 1); they
+  carry no gradient, as buffers do in PyTorch.
+
+  Attributes:
+    momentum: weight of the new batch in the running averages (PyTorch's).
+    epsilon: added to the variance before the square root.
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean",
+                                 lambda: jnp.zeros((c,), jnp.float32))
+    running_var = self.variable("batch_stats", "var",
+                                lambda: jnp.ones((c,), jnp.float32))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      n = math.prod(x.shape[:-1])
+      mean = jnp.mean(x, axis=axes)
+      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      if not self.is_initializing():
+        if n < 2:
+          # PyTorch refuses too: the unbiased variance of one value is 0/0.
+          raise ValueError(
+              f"BatchNorm in training mode needs more than one value per "
+              f"channel, got input shape {x.shape}")
+        m = self.momentum
+        batch_mean = jax.lax.stop_gradient(mean)
+        batch_var = jax.lax.stop_gradient(var) * (n / (n - 1))
+        running_mean.value = (1.0 - m) * running_mean.value + m * batch_mean
+        running_var.value = (1.0 - m) * running_var.value + m * batch_var
+    else:
+      mean, var = running_mean.value, running_var.value
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return y * scale + bias
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int,
+          init: Initializer, name: str) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 use_bias=False, kernel_init=init, name=name)
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  # nn.max_pool pads with -inf, as torch.nn.MaxPool2d does.
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class _Projection(nn.Module):
+  """1x1 strided conv + BN shortcut; children ``0`` and ``1`` as in PyTorch's
+  ``nn.Sequential``."""
+
+  features: int
+  stride: int
+  conv_init: Initializer
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = _conv(self.features, 1, self.stride, 0, self.conv_init, "0")(x)
+    return BatchNorm(name="1")(x, train)
+
+
+class BasicBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU.
+
+  Attributes:
+    features: output channels.
+    stride: stride of the first conv and of the projection.
+    conv_init: kernel initialiser of all convs.
+    shortcut_name: the projection's name, ``"shortcut"`` in the reference's
+      reduced net and ``"downsample"`` in torchvision.
+  """
+
+  features: int
+  stride: int
+  conv_init: Initializer
+  shortcut_name: str = "shortcut"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = _conv(self.features, 3, self.stride, 1, self.conv_init, "conv1")(x)
+    out = nn.relu(BatchNorm(name="bn1")(out, train))
+    out = _conv(self.features, 3, 1, 1, self.conv_init, "conv2")(out)
+    out = BatchNorm(name="bn2")(out, train)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _Projection(self.features, self.stride, self.conv_init,
+                      name=self.shortcut_name)(x, train)
+    return nn.relu(out + x)
+
+
+class _Stage(nn.Module):
+  """``n_blocks`` BasicBlocks named ``0, 1, ...``; only the first strides."""
+
+  features: int
+  stride: int
+  n_blocks: int
+  conv_init: Initializer
+  shortcut_name: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for i in range(self.n_blocks):
+      x = BasicBlock(self.features, self.stride if i == 0 else 1,
+                     self.conv_init, self.shortcut_name, name=str(i))(x, train)
+    return x
+
+
+def _trunk(x: jax.Array, train: bool, widths: Sequence[int],
+           conv_init: Initializer, shortcut_name: str) -> jax.Array:
+  """``layer1..layer4`` then global average pooling -> ``[N, widths[-1]]``.
+
+  Must be called inside a compact method: the stages attach to its module.
+  """
+  for i, (width, stride, n_blocks) in enumerate(
+      zip(widths, STAGE_STRIDES, BLOCKS_PER_STAGE)):
+    x = _Stage(width, stride, n_blocks, conv_init, shortcut_name,
+               name=f"layer{i + 1}")(x, train)
+  return jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1))
+
+
+def _linear(n_outputs: int, fan_in: int, name: str) -> nn.Dense:
+  return nn.Dense(n_outputs, kernel_init=torch_default_init(),
+                  bias_init=torch_default_bias_init(fan_in), name=name)
+
+
+class ReducedResNet18(nn.Module):
+  """The reference's reduced ResNet-18 (``model/common.py::ResNet18``).
+
+  conv3x3(3 -> nf) + BN + ReLU + max-pool 3x3/2, stages of widths nf, 2nf,
+  4nf, 8nf, global average pool, ``linear``. Takes NHWC input.
+
+  Attributes:
+    n_outputs: logits.
+    nf: width of the first stage (20 in the reference).
+  """
+
+  n_outputs: int
+  nf: int = 20
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    init = torch_default_init()
+    x = _conv(self.nf, 3, 1, 1, init, "conv1")(x)
+    x = nn.relu(BatchNorm(name="bn1")(x, train))
+    x = _max_pool_3x3_s2(x)
+    widths = [self.nf * k for k in (1, 2, 4, 8)]
+    x = _trunk(x, train, widths, init, "shortcut")
+    return _linear(self.n_outputs, x.shape[-1], "linear")(x)
+
+
+class ResNet18(nn.Module):
+  """torchvision's ResNet-18 with an ``n_outputs`` ``fc``. Takes NHWC input.
+
+  Convs use torchvision's kaiming-normal (fan_out) init; ``fc`` PyTorch's
+  default linear init, like the fresh layer the reference puts on top of the
+  pretrained trunk.
+
+  Attributes:
+    n_outputs: logits.
+  """
+
+  n_outputs: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    init = torchvision_conv_init()
+    x = _conv(64, 7, 2, 3, init, "conv1")(x)
+    x = nn.relu(BatchNorm(name="bn1")(x, train))
+    x = _max_pool_3x3_s2(x)
+    x = _trunk(x, train, (64, 128, 256, 512), init, "downsample")
+    return _linear(self.n_outputs, x.shape[-1], "fc")(x)
+
+
+# ---------------------------------------------------------------------------
+# Inputs and the Model.
+
+
+def images_to_nhwc(x: jax.Array) -> jax.Array:
+  """Stored images -> float32 NHWC.
+
+  Args:
+    x: ``[N, 3*H*W]`` flat channel-first rows (CIFAR pickle order: all red,
+      then green, then blue; ``H = W = sqrt(D / 3)``) or ``[N, 3, H, W]``;
+      uint8 (scaled by 1/255) or float in [0, 1].
+
+  Returns:
+    ``[N, H, W, 3]`` float32.
+
+  Raises:
+    ValueError: on any other shape.
+  """
+  x = to_float(x)
+  if x.ndim == 2:
+    n, d = x.shape
+    side = math.isqrt(d // 3)
+    if 3 * side * side != d:
+      raise ValueError(f"flat image rows need 3*H*H values, got {d}")
+    x = x.reshape(n, 3, side, side)
+  elif x.ndim != 4 or x.shape[1] != 3:
+    raise ValueError(
+        f"expected images [N, 3*H*W] or [N, 3, H, W], got shape {x.shape}")
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def make_resnet(name: str, input_shape: tuple[int, ...],
+                n_outputs: int) -> Model:
+  """Builds ``"resnet18_reduced"`` (nf = 20) or ``"resnet18"`` as a Model.
+
+  Args:
+    name: which network.
+    input_shape: one stored example's shape, ``(3*H*W,)`` or ``(3, H, W)``.
+    n_outputs: logits.
+
+  Returns:
+    A :class:`~bcl_jax.models.Model` whose ``apply`` takes raw stored batches.
+  """
+  if name == "resnet18_reduced":
+    module = ReducedResNet18(n_outputs=int(n_outputs))
+  elif name == "resnet18":
+    module = ResNet18(n_outputs=int(n_outputs))
+  else:
+    raise ValueError(f"unknown ResNet {name!r}; "
+                     "choose 'resnet18_reduced' or 'resnet18'")
+  images_to_nhwc(jnp.zeros((1,) + tuple(input_shape), jnp.float32))  # check
+  return from_flax(module, tuple(input_shape), name=name,
+                   preprocess=images_to_nhwc)
+
+
+# ---------------------------------------------------------------------------
+# Pretrained weights (torchvision names).
+
+_PARAM_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_STAT_LEAF = {"mean": "running_mean", "var": "running_var"}
+
+
+def torchvision_names(variables: Variables) -> dict[str, tuple[str, tuple]]:
+  """Maps PyTorch state-dict keys to ``(collection, path)`` in ``variables``.
+
+  E.g. ``"layer2.0.downsample.1.running_var"`` ->
+  ``("batch_stats", ("layer2", "0", "downsample", "1", "var"))``.
+  """
+  names = {}
+  for collection, leaves in (("params", _PARAM_LEAF),
+                             ("batch_stats", _STAT_LEAF)):
+    flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+    for path in flat:
+      key = ".".join(path[:-1] + (leaves[path[-1]],))
+      names[key] = (collection, path)
+  return names
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The PyTorch layout of a Flax shape: HWIO -> OIHW, [in, out] -> [out, in]."""
+  if len(flax_shape) == 4:
+    h, w, i, o = flax_shape
+    return (o, i, h, w)
+  return tuple(reversed(flax_shape))
+
+
+def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+  """OIHW -> HWIO, [out, in] -> [in, out]; vectors unchanged."""
+  if array.ndim == 4:
+    return np.transpose(array, (2, 3, 1, 0))
+  return array.T
+
+
+def _describe(keys: set[str], limit: int = 8) -> str:
+  shown = sorted(keys)[:limit]
+  more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+  return ", ".join(shown) + more
+
+
+def load_pretrained_npz(variables: Variables, path: str) -> Variables:
+  """Loads torchvision-named ResNet-18 weights into :class:`ResNet18` vars.
+
+  The ``.npz`` holds one array per state-dict key in PyTorch layout (as
+  written by ``scripts/convert_torchvision_resnet18.py``). Conv kernels are
+  transposed OIHW -> HWIO. ``fc.*`` is skipped: the reference replaces the
+  ImageNet classifier with a fresh ``n_outputs`` layer, so ours keeps its
+  init. ``*.num_batches_tracked`` counters, if present, are ignored (they only
+  matter for ``momentum=None`` in PyTorch).
+
+  Args:
+    variables: ``{"params", "batch_stats"}`` of a ``resnet18`` Model.
+    path: the ``.npz`` file.
+
+  Returns:
+    New variables; ``variables`` itself is not modified.
+
+  Raises:
+    ValueError: the file is missing or unreadable, keys are missing or
+      unexpected, or an array's shape does not fit; the message names the
+      key(s) and the file.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"pretrained weights file {path!r} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+  except Exception as e:  # a zip / npy format error of any kind
+    raise ValueError(f"cannot read pretrained weights {path!r}: {e}") from e
+
+  names = torchvision_names(variables)
+  wanted = {k for k in names if not k.startswith("fc.")}
+  given = {k for k in arrays
+           if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+  if wanted - given:
+    raise ValueError(f"pretrained weights {path!r} lack "
+                     f"{len(wanted - given)} key(s): {_describe(wanted - given)}")
+  if given - wanted:
+    raise ValueError(f"pretrained weights {path!r} have {len(given - wanted)} "
+                     f"unexpected key(s): {_describe(given - wanted)}")
+
+  flat = {c: traverse_util.flatten_dict(dict(variables[c]))
+          for c in ("params", "batch_stats")}
+  for key in sorted(wanted):
+    collection, leaf_path = names[key]
+    target = flat[collection][leaf_path]
+    array = np.asarray(arrays[key])
+    needed = _torch_shape(tuple(target.shape))
+    if array.shape != needed:
+      raise ValueError(
+          f"pretrained weights {path!r}: {key!r} has shape {array.shape}, "
+          f"the model needs {needed} (PyTorch layout)")
+    array = _to_flax_layout(array)
+    flat[collection][leaf_path] = jnp.asarray(array, dtype=target.dtype)
+  out: dict[str, Any] = dict(variables)
+  for c in ("params", "batch_stats"):
+    out[c] = traverse_util.unflatten_dict(flat[c])
+  return out

@@ -1,0 +1,366 @@
+"""ResNet-18s: shapes, parameter counts, PyTorch BatchNorm, inputs, weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcl_jax.models import build_model, resnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  """XLA optimisations cost more compile time than these tiny runs save."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def reduced():
+  model = build_model("resnet18_reduced", (3072,), 100)
+  variables = jax.jit(model.init)(jax.random.key(0))
+  return model, variables, jax.jit(model.apply, static_argnums=2)
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+# --- expected sizes, written from the architecture, not from the module ----
+
+
+def _resnet18_counts(stem_kernel: int, widths, n_outputs: int):
+  """(#params, #batch-stat values) of a ResNet-18 with BasicBlocks."""
+  conv = lambda k, cin, cout: k * k * cin * cout  # no bias
+  bn = lambda c: 2 * c  # scale + bias (and, for stats, mean + var)
+  params = conv(stem_kernel, 3, widths[0]) + bn(widths[0])
+  stats = bn(widths[0])
+  cin = widths[0]
+  for stage, width in enumerate(widths):
+    for block in range(2):
+      stride = 2 if (stage > 0 and block == 0) else 1
+      params += conv(3, cin, width) + bn(width) + conv(3, width, width)
+      params += bn(width)
+      stats += 2 * bn(width)
+      if stride != 1 or cin != width:
+        params += conv(1, cin, width) + bn(width)
+        stats += bn(width)
+      cin = width
+  params += cin * n_outputs + n_outputs
+  return params, stats
+
+
+def test_reduced_parameter_count():
+  params, stats = _resnet18_counts(3, (20, 40, 80, 160), 100)
+  assert params == 1_109_240  # the hand-computed number, stated in the report
+  model = build_model("resnet18_reduced", (3072,), 100)
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  assert _count(shapes["params"]) == params
+  assert _count(shapes["batch_stats"]) == stats
+
+
+def test_full_parameter_count_matches_torchvision():
+  params, _ = _resnet18_counts(7, (64, 128, 256, 512), 1000)
+  assert params == 11_689_512  # torchvision's resnet18, 1000 classes
+  model = build_model("resnet18", (3, 224, 224), 1000)
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  assert _count(shapes["params"]) == params
+
+
+def test_reduced_init_matches_pytorch_bounds(reduced):
+  _, variables, _ = reduced
+  p = variables["params"]
+  k = p["layer4"]["0"]["conv2"]["kernel"]  # fan_in 3*3*160
+  bound = 1 / np.sqrt(9 * 160)
+  assert k.shape == (3, 3, 160, 160)
+  assert float(jnp.max(jnp.abs(k))) <= bound
+  assert float(jnp.max(jnp.abs(k))) > 0.95 * bound  # uniform: reaches it
+  b = p["linear"]["bias"]
+  assert float(jnp.max(jnp.abs(b))) <= 1 / np.sqrt(160)
+  assert float(jnp.max(jnp.abs(b))) > 0  # not zero-initialised
+  assert "shortcut" in p["layer2"]["0"] and "shortcut" not in p["layer2"]["1"]
+  assert "shortcut" not in p["layer1"]["0"]  # 20 -> 20, stride 1
+
+
+# --- forward -----------------------------------------------------------------
+
+
+def test_reduced_forward_shapes(reduced):
+  _, variables, apply = reduced
+  for x in (jnp.zeros((3, 3072)), jnp.zeros((2, 3, 84, 84))):
+    for train in (False, True):
+      logits, _ = apply(variables, x, train)
+      assert logits.shape == (x.shape[0], 100)
+      assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_full_forward_shape():
+  model = build_model("resnet18", (3, 224, 224), 7)
+  variables = jax.jit(model.init)(jax.random.key(1))
+  x = jax.random.uniform(jax.random.key(2), (1, 3, 224, 224))
+  logits, out = jax.jit(model.apply, static_argnums=2)(variables, x, False)
+  assert logits.shape == (1, 7)
+  for a, b in zip(jax.tree_util.tree_leaves(out),
+                  jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_uint8_float_and_flat_inputs_agree(reduced):
+  _, variables, apply = reduced
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 3072), np.uint8)
+  as_float = pixels.astype(np.float32) / 255.0
+  as_image = as_float.reshape(2, 3, 32, 32)  # CIFAR rows: R plane, G, B
+  l_uint8, _ = apply(variables, jnp.asarray(pixels), False)
+  l_float, _ = apply(variables, jnp.asarray(as_float), False)
+  l_image, _ = apply(variables, jnp.asarray(as_image), False)
+  np.testing.assert_allclose(l_uint8, l_float, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l_image, l_float, rtol=1e-5, atol=1e-6)
+
+
+def test_images_to_nhwc_channel_order():
+  flat = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 48)
+  out = np.asarray(resnet.images_to_nhwc(jnp.asarray(flat)))
+  assert out.shape == (2, 4, 4, 3)
+  assert out[1, 0, 0, 0] == flat[1, 0]  # first red pixel
+  assert out[1, 0, 0, 1] == flat[1, 16]  # first green pixel
+  assert out[1, 2, 3, 2] == flat[1, 32 + 2 * 4 + 3]
+  with pytest.raises(ValueError, match="3\\*H\\*H"):
+    resnet.images_to_nhwc(jnp.zeros((1, 100)))
+  with pytest.raises(ValueError, match="N, 3, H, W"):
+    resnet.images_to_nhwc(jnp.zeros((1, 32, 32, 3)))
+
+
+# --- BatchNorm ---------------------------------------------------------------
+
+
+def test_batchnorm_training_matches_pytorch_formula():
+  rng = np.random.default_rng(1)
+  x = rng.normal(1.5, 2.0, (3, 2, 2, 4)).astype(np.float32)  # n = 12
+  bn = resnet.BatchNorm()
+  variables = bn.init(jax.random.key(0), x, train=False)
+  assert set(variables["batch_stats"]) == {"mean", "var"}
+  scale = rng.normal(size=4).astype(np.float32)
+  bias = rng.normal(size=4).astype(np.float32)
+  start_mean = rng.normal(size=4).astype(np.float32)
+  start_var = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": start_mean, "var": start_var}}
+  y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  flat = x.reshape(-1, 4).astype(np.float64)
+  mu, biased, unbiased = flat.mean(0), flat.var(0), flat.var(0, ddof=1)
+  want_y = (x - mu) / np.sqrt(biased + 1e-5) * scale + bias
+  np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+  stats = updates["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.9 * start_mean + 0.1 * mu,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 * start_var + 0.1 * unbiased,
+                             rtol=1e-5, atol=1e-6)
+  # The unbiased estimate is what lands in `var` (n / (n - 1) = 12 / 11).
+  assert not np.allclose(stats["var"], 0.9 * start_var + 0.1 * biased)
+
+
+def test_batchnorm_inference_uses_running_stats():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 3, 3, 5)).astype(np.float32)
+  stats = {"mean": rng.normal(size=5).astype(np.float32),
+           "var": rng.uniform(0.5, 2.0, 5).astype(np.float32)}
+  params = {"scale": rng.normal(size=5).astype(np.float32),
+            "bias": rng.normal(size=5).astype(np.float32)}
+  bn = resnet.BatchNorm()
+  y, updates = bn.apply({"params": params, "batch_stats": stats}, x,
+                        train=False, mutable=["batch_stats"])
+  want = ((x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
+          + params["bias"])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  for k in stats:
+    np.testing.assert_array_equal(updates["batch_stats"][k], stats[k])
+
+
+def test_batchnorm_rejects_single_value_per_channel():
+  bn = resnet.BatchNorm()
+  variables = bn.init(jax.random.key(0), jnp.ones((1, 1, 1, 2)), train=False)
+  with pytest.raises(ValueError, match="more than one value"):
+    bn.apply(variables, jnp.ones((1, 1, 1, 2)), train=True,
+             mutable=["batch_stats"])
+
+
+def test_model_train_updates_stats_eval_leaves_them(reduced):
+  _, variables, apply = reduced
+  x = jax.random.uniform(jax.random.key(3), (4, 3072))
+  _, after_eval = apply(variables, x, False)
+  for a, b in zip(jax.tree_util.tree_leaves(after_eval),
+                  jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  _, after_train = apply(variables, x, True)
+  for a, b in zip(jax.tree_util.tree_leaves(after_train["params"]),
+                  jax.tree_util.tree_leaves(variables["params"])):
+    np.testing.assert_array_equal(a, b)
+  # The stem BN sees the preprocessed input's conv; check its stat moved.
+  stem = after_train["batch_stats"]["bn1"]
+  assert not np.allclose(stem["mean"], 0.0)
+  assert not np.allclose(stem["var"], 1.0)
+  last = after_train["batch_stats"]["layer4"]["1"]["bn2"]
+  assert not np.allclose(last["var"], 1.0)
+
+
+def test_running_stats_carry_no_gradient(reduced):
+  model, variables, _ = reduced
+  x = jax.random.uniform(jax.random.key(4), (2, 3072))
+
+  def mean_of_new_stats(params):
+    _, new = model.apply({"params": params,
+                          "batch_stats": variables["batch_stats"]}, x, True)
+    return sum(jnp.sum(v)
+               for v in jax.tree_util.tree_leaves(new["batch_stats"]))
+
+  grads = jax.jit(jax.grad(mean_of_new_stats))(variables["params"])
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0
+             for g in jax.tree_util.tree_leaves(grads))
+
+
+# --- pretrained weights ------------------------------------------------------
+
+
+def _torchvision_resnet18_shapes(n_classes: int = 1000) -> dict[str, tuple]:
+  """torchvision resnet18 state-dict keys and shapes, from its definition."""
+  shapes = {}
+
+  def bn(prefix, c):
+    for leaf in ("weight", "bias", "running_mean", "running_var"):
+      shapes[f"{prefix}.{leaf}"] = (c,)
+    shapes[f"{prefix}.num_batches_tracked"] = ()
+
+  shapes["conv1.weight"] = (64, 3, 7, 7)
+  bn("bn1", 64)
+  cin = 64
+  for i, width in enumerate((64, 128, 256, 512)):
+    for j in range(2):
+      p = f"layer{i + 1}.{j}"
+      shapes[f"{p}.conv1.weight"] = (width, cin, 3, 3)
+      bn(f"{p}.bn1", width)
+      shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
+      bn(f"{p}.bn2", width)
+      if j == 0 and i > 0:
+        shapes[f"{p}.downsample.0.weight"] = (width, cin, 1, 1)
+        bn(f"{p}.downsample.1", width)
+      cin = width
+  shapes["fc.weight"] = (n_classes, 512)
+  shapes["fc.bias"] = (n_classes,)
+  return shapes
+
+
+@pytest.fixture(scope="module")
+def full_shapes():
+  model = build_model("resnet18", (3, 224, 224), 10)
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  rng = np.random.default_rng(5)
+  # Random stand-in variables: loading only needs the right shapes.
+  return jax.tree_util.tree_map(
+      lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def _random_state_dict(seed: int = 6) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {k: (rng.normal(size=s).astype(np.float32) if s else np.int64(7))
+          for k, s in _torchvision_resnet18_shapes().items()}
+
+
+def test_torchvision_names_are_one_to_one(full_shapes):
+  names = resnet.torchvision_names(full_shapes)
+  tv = {k for k in _torchvision_resnet18_shapes()
+        if not k.endswith("num_batches_tracked")}
+  assert set(names) == tv
+  assert names["layer2.0.downsample.1.running_var"] == (
+      "batch_stats", ("layer2", "0", "downsample", "1", "var"))
+  assert names["layer3.1.bn2.weight"] == (
+      "params", ("layer3", "1", "bn2", "scale"))
+
+
+def test_load_pretrained_round_trip(full_shapes, tmp_path):
+  sd = _random_state_dict()
+  path = str(tmp_path / "r18.npz")
+  np.savez(path, **sd)
+  out = resnet.load_pretrained_npz(full_shapes, path)
+  p, s = out["params"], out["batch_stats"]
+  np.testing.assert_array_equal(
+      p["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
+  # One element by hand: torch W[o, i, h, w] -> flax K[h, w, i, o].
+  assert p["layer2"]["0"]["conv1"]["kernel"][2, 1, 37, 101] == (
+      sd["layer2.0.conv1.weight"][101, 37, 2, 1])
+  np.testing.assert_array_equal(
+      p["layer4"]["0"]["downsample"]["0"]["kernel"][0, 0],
+      sd["layer4.0.downsample.0.weight"][:, :, 0, 0].T)
+  np.testing.assert_array_equal(p["layer1"]["1"]["bn2"]["scale"],
+                                sd["layer1.1.bn2.weight"])
+  np.testing.assert_array_equal(s["layer3"]["0"]["downsample"]["1"]["var"],
+                                sd["layer3.0.downsample.1.running_var"])
+  np.testing.assert_array_equal(s["bn1"]["mean"], sd["bn1.running_mean"])
+  # fc keeps the model's own (fresh, n_outputs = 10) layer.
+  for leaf in ("kernel", "bias"):
+    np.testing.assert_array_equal(p["fc"][leaf], full_shapes["params"]["fc"][leaf])
+  # The input was not modified.
+  assert not np.array_equal(full_shapes["params"]["conv1"]["kernel"],
+                            p["conv1"]["kernel"])
+
+
+def test_load_pretrained_errors(full_shapes, tmp_path):
+  missing = str(tmp_path / "nope.npz")
+  with pytest.raises(ValueError, match="nope.npz.*does not exist"):
+    resnet.load_pretrained_npz(full_shapes, missing)
+
+  junk = tmp_path / "junk.npz"
+  junk.write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="cannot read.*junk.npz"):
+    resnet.load_pretrained_npz(full_shapes, str(junk))
+
+  sd = _random_state_dict()
+  del sd["layer3.1.bn1.running_var"]
+  path = str(tmp_path / "missing_key.npz")
+  np.savez(path, **sd)
+  with pytest.raises(ValueError,
+                     match="missing_key.npz.*lack 1 key.*layer3.1.bn1.running_var"):
+    resnet.load_pretrained_npz(full_shapes, path)
+
+  sd = _random_state_dict()
+  sd["layer5.0.conv1.weight"] = np.zeros((1, 1, 3, 3), np.float32)
+  path = str(tmp_path / "extra_key.npz")
+  np.savez(path, **sd)
+  with pytest.raises(ValueError,
+                     match="extra_key.npz.*unexpected key.*layer5.0.conv1.weight"):
+    resnet.load_pretrained_npz(full_shapes, path)
+
+  sd = _random_state_dict()
+  sd["layer1.0.conv2.weight"] = np.zeros((64, 64, 1, 1), np.float32)
+  path = str(tmp_path / "bad_shape.npz")
+  np.savez(path, **sd)
+  with pytest.raises(ValueError, match=r"bad_shape.npz.*layer1\.0\.conv2\.weight"
+                     r".*\(64, 64, 1, 1\).*\(64, 64, 3, 3\)"):
+    resnet.load_pretrained_npz(full_shapes, path)
+
+  sd = _random_state_dict()  # a different classifier is fine: fc is skipped
+  sd["fc.weight"] = np.zeros((5, 512), np.float32)
+  path = str(tmp_path / "other_fc.npz")
+  np.savez(path, **sd)
+  resnet.load_pretrained_npz(full_shapes, path)
+
+
+def test_convert_script_without_torch(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "convert_torchvision_resnet18",
+      os.path.join(REPO, "scripts", "convert_torchvision_resnet18.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)  # must not import torch at module level
+  arrays = script.state_dict_to_arrays(_random_state_dict())
+  assert not any(k.endswith("num_batches_tracked") for k in arrays)
+  assert all(a.dtype == np.float32 for a in arrays.values())
+  assert script.main(["convert"]) == 2  # usage, before any torch import
