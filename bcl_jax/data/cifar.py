@@ -37,9 +37,10 @@ from bcl_jax.data import images
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 N_CLASSES = 100
 N_PIXELS = 3 * 32 * 32
-_WHAT = ("the official CIFAR-100 python version (cifar-100-python.tar.gz, "
-         f"or its extracted cifar-100-python folder) from {CIFAR_URL}, GEM's "
-         "raw cifar100.pt, or tfds:DIR for a TFDS data dir")
+_FIX = ("download the CIFAR-100 python version, cifar-100-python.tar.gz, "
+        f"from {CIFAR_URL} and pass it (or the cifar-100-python folder it "
+        "extracts to, or a folder holding either); GEM's raw cifar100.pt and "
+        "tfds:DIR (a TFDS data dir) work too")
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -92,32 +93,31 @@ def read_pickle_folder(folder: str, progress_bar: bool = True) -> Arrays:
 
 
 def read_tarball(path: str, progress_bar: bool = True) -> Arrays:
-  """Reads ``train`` and ``test`` straight out of ``cifar-100-python.tar.gz``."""
+  """Reads ``train`` and ``test`` straight out of ``cifar-100-python.tar.gz``.
+
+  The archive is streamed once (no seeking back through the gzip stream) and
+  nothing is written to disk.
+  """
+  found = {}
   try:
-    tar = tarfile.open(path, "r:*")
-  except (tarfile.TarError, OSError) as e:
+    with tarfile.open(path, "r|*") as tar:
+      for member in tar:
+        split = member.name.rstrip("/").split("/")[-1]
+        if split not in ("train", "test") or not member.isfile():
+          continue
+        where = f"{path}:{member.name}"
+        with images.ProgressReader(tar.extractfile(member), member.size,
+                                   f"cifar100 {split}", progress_bar) as r:
+          found[split] = _from_pickle(images.load_data_pickle(r, where),
+                                      where)
+  except (tarfile.TarError, OSError, EOFError) as e:
     raise DataError(f"{path}: not a readable tar archive ({e}); re-download "
                     f"cifar-100-python.tar.gz from {CIFAR_URL}") from None
-  out = []
-  with tar:
-    try:
-      members = {m.name.rstrip("/").split("/")[-1]: m for m in tar.getmembers()
-                 if m.isfile()}
-    except (tarfile.TarError, OSError, EOFError) as e:
-      raise DataError(f"{path}: damaged archive ({e}); re-download it from "
-                      f"{CIFAR_URL}") from None
-    for split in ("train", "test"):
-      if split not in members:
-        raise DataError(f"{path}: no '{split}' member; expected "
-                        f"cifar-100-python.tar.gz from {CIFAR_URL}")
-      member = members[split]
-      where = f"{path}:{member.name}"
-      f = tar.extractfile(member)
-      with images.ProgressReader(f, member.size, f"cifar100 {split}",
-                                 progress_bar) as reader:
-        obj = images.load_data_pickle(reader, where)
-      out += _from_pickle(obj, where)
-  return tuple(out)
+  for split in ("train", "test"):
+    if split not in found:
+      raise DataError(f"{path}: no '{split}' member; expected "
+                      f"cifar-100-python.tar.gz from {CIFAR_URL}")
+  return found["train"] + found["test"]
 
 
 def read_gem_raw(path: str) -> Arrays:
@@ -181,7 +181,7 @@ def read_cifar100(source: str | os.PathLike,
   if is_tfds:
     return read_tfds(path)
   if not os.path.exists(path):
-    raise DataError(f"{path}: not found; put {_WHAT} there")
+    raise DataError(f"{path}: not found; {_FIX}")
   if os.path.isdir(path):
     if os.path.isfile(os.path.join(path, "train")):
       return read_pickle_folder(path, progress_bar)
@@ -190,14 +190,14 @@ def read_cifar100(source: str | os.PathLike,
         return read_cifar100(os.path.join(path, name), progress_bar)
     if os.path.isdir(os.path.join(path, "cifar100")):
       return read_tfds(path)
-    raise DataError(f"{path}: holds no CIFAR-100 copy; put {_WHAT} in it")
+    raise DataError(f"{path}: holds no CIFAR-100 copy; {_FIX}")
   if path.endswith((".tar.gz", ".tgz", ".tar")):
     return read_tarball(path, progress_bar)
   if path.endswith(".pt"):
     return read_gem_raw(path)
   if os.path.basename(path) in ("train", "test"):
     return read_pickle_folder(os.path.dirname(path) or ".", progress_bar)
-  raise DataError(f"{path}: unknown CIFAR-100 file; pass {_WHAT}")
+  raise DataError(f"{path}: not a CIFAR-100 file; {_FIX}")
 
 
 def build_cifar100(source: str | os.PathLike, seed: int = 0,

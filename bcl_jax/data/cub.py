@@ -31,10 +31,10 @@ from bcl_jax.data.errors import DataError
 from bcl_jax.data import images
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
-_WHAT = ("the extracted CUB_200_2011 folder (images.txt, "
-         "image_class_labels.txt, train_test_split.txt, images/) from the "
-         f"Caltech-UCSD Birds-200-2011 page {CUB_URL}, or tfds:DIR for a TFDS "
-         "data dir holding caltech_birds2011")
+_FIX = ("download CUB_200_2011.tgz from the Caltech-UCSD Birds-200-2011 "
+        f"page {CUB_URL}, extract it and pass the CUB_200_2011 folder (with "
+        "images.txt, image_class_labels.txt, train_test_split.txt, images/), "
+        "or tfds:DIR for a TFDS data dir holding caltech_birds2011")
 _META = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -99,6 +99,7 @@ def read_cub_folder(folder: str, size: int = 224,
 def read_cub_tfds(data_dir: str | None, size: int = 224,
                   progress_bar: bool = True) -> Arrays:
   """Reads ``caltech_birds2011`` from a TFDS data dir (no download)."""
+  from PIL import Image
   where = data_dir or "the default TFDS data dir"
   tfds = images.tfds_module(where)
   out = []
@@ -119,7 +120,6 @@ def read_cub_tfds(data_dir: str | None, size: int = 224,
         img = img[..., None]
       if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-      from PIL import Image
       im = Image.fromarray(img[..., :3].astype(np.uint8))
       if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
@@ -145,19 +145,19 @@ def read_cub(source: str | os.PathLike, size: int = 224,
   if is_tfds:
     return read_cub_tfds(path, size, progress_bar)
   if not os.path.exists(path):
-    raise DataError(f"{path}: not found; put {_WHAT} there")
+    raise DataError(f"{path}: not found; {_FIX}")
   if os.path.isfile(path):
     if path.endswith((".tgz", ".tar.gz", ".tar")):
       raise DataError(f"{path}: extract the archive first (tar xzf) and pass "
                       "the CUB_200_2011 folder it creates")
-    raise DataError(f"{path}: is a file; pass {_WHAT}")
+    raise DataError(f"{path}: is a file, not the CUB_200_2011 folder; {_FIX}")
   if os.path.isfile(os.path.join(path, "images.txt")):
     return read_cub_folder(path, size, progress_bar)
   if os.path.isdir(os.path.join(path, "CUB_200_2011")):
     return read_cub(os.path.join(path, "CUB_200_2011"), size, progress_bar)
   if os.path.isdir(os.path.join(path, "caltech_birds2011")):
     return read_cub_tfds(path, size, progress_bar)
-  raise DataError(f"{path}: holds no images.txt; put {_WHAT} there")
+  raise DataError(f"{path}: holds no images.txt; {_FIX}")
 
 
 def build_cub(source: str | os.PathLike, seed: int = 0, size: int = 224,

@@ -34,9 +34,10 @@ from bcl_jax.data import images
 
 CACHE_NAMES = tuple(f"mini-imagenet-cache-{s}.pkl"
                     for s in ("train", "val", "test"))
-_WHAT = ("the pickle caches mini-imagenet-cache-{train,val,test}.pkl used by "
-         "many few-shot repositories (e.g. the ones learn2learn downloads), or "
-         "a folder of class subfolders of images")
+_FIX = ("put the miniImageNet pickle caches used by many few-shot "
+        "repositories (e.g. the ones learn2learn downloads), "
+        "mini-imagenet-cache-{train,val,test}.pkl, in one folder and pass "
+        "it, or pass a folder of class subfolders of images")
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -144,7 +145,7 @@ def read_image_folders(root: str, n_train_per_class: int = 500,
   folders = _class_folders(root)
   if not folders:
     raise DataError(f"{root}: holds neither {', '.join(CACHE_NAMES)} nor "
-                    f"class subfolders; put {_WHAT} there")
+                    "class subfolders; " + _FIX)
   names = sorted(folders)
   files = {}
   for name in names:
@@ -180,12 +181,12 @@ def read_mini(source: str | os.PathLike, n_train_per_class: int = 500,
   """
   path = os.fspath(source)
   if not os.path.exists(path):
-    raise DataError(f"{path}: not found; put {_WHAT} there")
+    raise DataError(f"{path}: not found; {_FIX}")
   if os.path.isfile(path):
     if os.path.basename(path) in CACHE_NAMES:
       path = os.path.dirname(path) or "."
     else:
-      raise DataError(f"{path}: is a file; pass the folder holding {_WHAT}")
+      raise DataError(f"{path}: is a file, not a folder; {_FIX}")
   present = [n for n in CACHE_NAMES if os.path.isfile(os.path.join(path, n))]
   if present:
     return read_caches(path, n_train_per_class, size, progress_bar)
