@@ -57,6 +57,9 @@ def test_round_trip(tmp_path, task_incremental, dtype):
   np.testing.assert_array_equal(back.tasks[0].descriptor, np.arange(4))
   assert [t.descriptor for t in back.tasks[1:]] == [12.5, "split", None]
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

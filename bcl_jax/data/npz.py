@@ -39,6 +39,13 @@ def _jsonable(value: Any) -> Any:
   return repr(value)
 
 
+def _set_default_mode(path: str) -> None:
+  """Gives a mkstemp file (mode 0600) the mode a plain open() would."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_npz(bench: Benchmark, path: str | os.PathLike) -> None:
   """Writes ``bench`` to ``path`` atomically (temp file, then rename)."""
   path = os.fspath(path)
@@ -63,6 +70,7 @@ def save_npz(bench: Benchmark, path: str | os.PathLike) -> None:
   try:
     with os.fdopen(fd, "wb") as fh:
       np.savez(fh, **arrays)
+    _set_default_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -188,6 +188,13 @@ def _torch_size(*args):
   return tuple(*args)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+  """Protocol 2 pickles ``bytes`` as ``_codecs.encode(text, 'latin1')``."""
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+  return text.encode("latin1")
+
+
 def _allowed_numpy(module: str, name: str) -> Any:
   """numpy globals that only build arrays/dtypes (as torch's weights_only)."""
   if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -214,6 +221,7 @@ _TORCH_FUNCS: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch", "Size"): _torch_size,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_bytes,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
@@ -360,6 +368,11 @@ def _load_legacy(path: str, fh: BinaryIO) -> Any:
     if numel != seen[key].numel:
       raise _Refused(f"storage {key} with {numel} elements, "
                      f"{seen[key].numel} expected")
+    here = fh.tell()
+    remaining = fh.seek(0, os.SEEK_END) - here
+    fh.seek(here)
+    if numel * dtype.itemsize > remaining:
+      raise _Refused(f"a truncated storage {key}")
     raw = fh.read(numel * dtype.itemsize)
     if len(raw) != numel * dtype.itemsize:
       raise _Refused(f"a truncated storage {key}")
@@ -548,6 +561,13 @@ def _aligned_write(zf: zipfile.ZipFile, name: str, data: bytes,
   zf.writestr(info, data)
 
 
+def _set_default_mode(path: str) -> None:
+  """Gives a mkstemp file (mode 0600) the mode a plain open() would."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_torch_zip(obj: Any, path: str | os.PathLike) -> None:
   """Writes ``obj`` in torch's zip format; numpy arrays become tensors.
 
@@ -574,6 +594,7 @@ def save_torch_zip(obj: Any, path: str | os.PathLike) -> None:
       for i, flat in enumerate(emitter.storages):
         _aligned_write(zf, f"archive/data/{i}", flat.tobytes())
       _aligned_write(zf, "archive/version", b"3\n")
+    _set_default_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
