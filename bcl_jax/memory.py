@@ -123,7 +123,7 @@ def sample_without_replacement(key: jax.Array, eligible: jax.Array, k: int,
   flat = eligible.reshape(-1)
   if k > flat.shape[0]:
     raise ValueError(f"cannot draw {k} of {flat.shape[0]} slots")
-  prio = jax.random.uniform(key, flat.shape)
+  prio = jax.random.uniform(key, flat.shape, jnp.float32)
   prio = jnp.where(flat, prio, 2.0)
   _, index = jax.lax.top_k(-prio, k)
   n_eligible = jnp.sum(flat)

@@ -1,0 +1,338 @@
+"""Compiled methods against the plain numpy versions of tests/np_reference.py.
+
+A short continual sequence (3 tasks, a few batches each, buffers small enough
+to wrap, a short last batch) is fed to the jitted ``observe`` and to the
+numpy loop with the same keys; parameters and memories must agree after every
+step, across task switches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcl_jax import methods
+from bcl_jax.config import default_config
+from bcl_jax.methods import base
+from bcl_jax.models import build_model
+
+import np_reference as ref
+
+T, O, D = 3, 6, 8
+BATCH = 5
+
+
+def make_ctx(task_incremental=True):
+  mask = np.zeros((T, O), bool)
+  if task_incremental:
+    for t in range(T):
+      mask[t, 2 * t:2 * t + 2] = True
+  else:
+    mask[:] = True
+  model = build_model("mlp", (D,), O, hidden=(7, 5))
+  return base.Context(model=model, class_mask=mask, input_shape=(D,),
+                      input_dtype=np.float32, batch_size=BATCH)
+
+
+def make_config(**kw):
+  c = default_config()
+  c.n_memories = 10     # bcl_dual: 8 episodic + 2 generalisation slots
+  c.replay_batch_size = 5
+  c.lr = 0.1
+  c.beta = 0.3
+  c.memory_strength = 2.0
+  c.temperature = 3.0
+  c.adapt_lr = 0.05
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def stream(ctx, n_batches=4, seed=0):
+  """Batches per task: full ones and a short (masked) last one."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for t in range(T):
+    cols = np.nonzero(ctx.class_mask[t])[0]
+    batches = []
+    for b in range(n_batches):
+      x = rng.random((BATCH, D)).astype(np.float32)
+      y = rng.choice(cols, BATCH).astype(np.int32)
+      n_valid = BATCH if b < n_batches - 1 else 3
+      valid = np.arange(BATCH) < n_valid
+      batches.append((x, y, valid))
+    out.append(batches)
+  return out
+
+
+def np_cfg(c):
+  return {"lr": c.lr, "beta": c.beta, "ms": c.memory_strength,
+          "temp": c.temperature, "rbs": c.replay_batch_size,
+          "inner_steps": c.inner_steps, "n_meta": c.n_meta,
+          "accumulate": c.grad_accumulation, "fill": c.fill_on_first_write,
+          "drop_at_wrap": c.drop_at_wrap, "kl_mean": c.kl_mean}
+
+
+def assert_params_close(state, P, what):
+  got = ref.from_flax(jax.device_get(state.variables["params"]))
+  for i, (lg, lr_) in enumerate(zip(got, P)):
+    for a, b in zip(lg, lr_):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5,
+                                 err_msg=f"{what}: layer {i}")
+
+
+def assert_ring_equal(buf, ring, what):
+  np.testing.assert_array_equal(np.asarray(buf.filled), ring.filled,
+                                err_msg=f"{what}: filled")
+  f = ring.filled
+  np.testing.assert_allclose(np.asarray(buf.x)[f], ring.x[f], rtol=1e-6,
+                             err_msg=f"{what}: x")
+  np.testing.assert_array_equal(np.asarray(buf.y)[f], ring.y[f],
+                                err_msg=f"{what}: y")
+  assert int(buf.ptr) == ring.ptr, f"{what}: ptr {int(buf.ptr)} != {ring.ptr}"
+
+
+def run_sequence(method, c, ctx, np_step, np_begin, np_state, check):
+  key = jax.random.PRNGKey(3)
+  state = method.init(key)
+  np_state["P"] = ref.from_flax(jax.device_get(state.variables["params"]))
+  observe = jax.jit(method.observe)
+  begin = jax.jit(method.begin_task)
+  for t, batches in enumerate(stream(ctx)):
+    state = begin(state, jnp.int32(t))
+    np_begin(np_state, t)
+    for b, (x, y, valid) in enumerate(batches):
+      k = jax.random.fold_in(key, 100 * t + b)
+      batch = base.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid),
+                         jnp.int32(t))
+      state, m = observe(state, batch, k)
+      assert np.isfinite(float(m["loss"]))
+      np_step(np_state, x[valid], y[valid], t, k)
+      check(state, np_state, f"task {t} batch {b}")
+  return state
+
+
+@pytest.mark.parametrize("kw", [
+    dict(inner_steps=1, n_meta=2),
+    dict(inner_steps=2, n_meta=1),
+    dict(inner_steps=2, n_meta=1, grad_accumulation=False),
+    dict(inner_steps=2, n_meta=1, fill_on_first_write=False),
+    dict(inner_steps=2, n_meta=1, kl_mean=False),
+    dict(inner_steps=2, n_meta=1, drop_at_wrap=False),
+], ids=["k1", "k2", "no_accum", "no_fill", "no_klmean", "no_drop"])
+def test_bcl_dual_matches_numpy(kw):
+  c = make_config(method="bcl_dual", **kw)
+  ctx = make_ctx()
+  method = methods.make(c, ctx)
+  cfg = np_cfg(c)
+  npst = {"mem": ref.Ring(T, 8, D), "gen": ref.Ring(T, 2, D),
+          "soft": np.zeros((T, 8, O))}
+
+  def np_begin(s, t):
+    if t > 0:
+      s["soft"][t - 1] = ref.soft_targets(s["P"], s["mem"].x[t - 1],
+                                          ctx.class_mask[t - 1], c.temperature)
+    s["mem"].ptr = s["gen"].ptr = 0
+
+  def np_step(s, x, y, t, k):
+    s["P"] = ref.bcl_dual_observe(s["P"], s["mem"], s["gen"], s["soft"], x, y,
+                                  t, k, cfg, ctx.class_mask)
+
+  def check(state, s, what):
+    assert_ring_equal(state.memory, s["mem"], what + " M")
+    assert_ring_equal(state.gen, s["gen"], what + " G")
+    np.testing.assert_allclose(np.asarray(state.soft), s["soft"], rtol=2e-4,
+                               atol=1e-6, err_msg=what + " F")
+    assert_params_close(state, s["P"], what)
+
+  run_sequence(method, c, ctx, np_step, np_begin, npst, check)
+
+
+@pytest.mark.parametrize("kw", [dict(inner_steps=1), dict(inner_steps=2),
+                                dict(inner_steps=2, kl_mean=False,
+                                     drop_at_wrap=False)],
+                         ids=["k1", "k2", "quirks_off"])
+def test_bcl_single_matches_numpy(kw):
+  c = make_config(method="bcl_single", n_memories=6, **kw)
+  ctx = make_ctx()
+  method = methods.make(c, ctx)
+  cfg = np_cfg(c)
+  npst = {"mem": ref.Ring(T, 6, D), "soft": np.zeros((T, 6, O))}
+
+  def np_begin(s, t):
+    if t > 0:
+      s["soft"][t - 1] = ref.soft_targets(s["P"], s["mem"].x[t - 1],
+                                          ctx.class_mask[t - 1], c.temperature)
+    s["mem"].ptr = 0
+
+  def np_step(s, x, y, t, k):
+    s["P"] = ref.bcl_single_observe(s["P"], s["mem"], s["soft"], x, y, t, k,
+                                    cfg, ctx.class_mask)
+
+  def check(state, s, what):
+    assert_ring_equal(state.memory, s["mem"], what + " M")
+    assert_params_close(state, s["P"], what)
+
+  run_sequence(method, c, ctx, np_step, np_begin, npst, check)
+
+
+@pytest.mark.parametrize("heads", ["task", "single"])
+def test_er_matches_numpy(heads):
+  c = make_config(method="er", n_memories=6, inner_steps=2)
+  ctx = make_ctx(task_incremental=heads == "task")
+  method = methods.make(c, ctx)
+  cfg = np_cfg(c)
+  npst = {"mem": ref.Ring(T, 6, D)}
+
+  def np_step(s, x, y, t, k):  # the ring pointer is not reset (reference)
+    s["P"] = ref.er_observe(s["P"], s["mem"], x, y, t, k, cfg, ctx.class_mask)
+
+  def check(state, s, what):
+    assert_ring_equal(state.memory, s["mem"], what + " M")
+    assert_params_close(state, s["P"], what)
+
+  run_sequence(method, c, ctx, np_step, lambda s, t: None, npst, check)
+
+
+def test_single_matches_numpy():
+  c = make_config(method="single")
+  ctx = make_ctx()
+  method = methods.make(c, ctx)
+  cfg = np_cfg(c)
+
+  def np_step(s, x, y, t, k):
+    s["P"] = ref.single_observe(s["P"], x, y, t, cfg, ctx.class_mask)
+
+  run_sequence(method, c, ctx, np_step, lambda s, t: None, {},
+               lambda st, s, w: assert_params_close(st, s["P"], w))
+
+
+def test_adaptation_matches_loop():
+  """Each task's adapted copy = the same SGD steps written as a loop."""
+  c = make_config(method="bcl_dual", adapt=True, inner_steps=2)
+  ctx = make_ctx()
+  method = methods.make(c, ctx)
+  state = method.init(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  mx = rng.random(state.memory.x.shape).astype(np.float32)
+  my = rng.integers(0, O, state.memory.y.shape).astype(np.int32)
+  state = state._replace(memory=state.memory._replace(
+      x=jnp.asarray(mx), y=jnp.asarray(my),
+      filled=jnp.ones(state.memory.filled.shape, bool)))
+  seen = 1
+  variables, per_task = jax.jit(method.eval_variables, static_argnums=())(
+      state, jnp.int32(seen))
+  assert per_task is True or per_task  # a static Python bool
+  P0 = ref.from_flax(jax.device_get(state.variables["params"]))
+  for t in range(T):
+    expect = ref.adapt(P0, mx[t], my[t], c.adapt_lr, c.inner_steps) \
+        if t <= seen else P0
+    got = ref.from_flax(jax.tree_util.tree_map(
+        lambda a: np.asarray(a)[t], variables["params"]))
+    for lg, le in zip(got, expect):
+      for a, b in zip(lg, le):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  # Unseen tasks really are unadapted, seen ones really moved.
+  assert not np.allclose(got[0][0], P0[0][0]) or seen < T - 1
+
+
+def test_unrolled_hypergradient_matches_finite_differences():
+  """The method's unrolled meta-gradient = central differences of
+  ``L_out(phi_K(theta0))`` computed by the numpy reference (float64).
+
+  With ``beta = 1``, ``n_meta = 1`` and no gradient accumulation, one
+  ``observe`` gives ``theta' = phi_K - lr * g``, so ``g = (phi_K - theta')/lr``
+  reads the hypergradient back out of the update. Task 1 with filled
+  memories, so the inner loss has replay and distillation terms.
+  """
+  c = make_config(method="bcl_dual", inner_steps=2, n_meta=1, beta=1.0,
+                  lr=0.5, grad_accumulation=False, meta_gradient="unrolled")
+  ctx = make_ctx()
+  method = methods.make(c, ctx)
+  cfg = np_cfg(c)
+  t = 1
+  rng = np.random.default_rng(0)
+  mem, gen = ref.Ring(T, 8, D), ref.Ring(T, 2, D)
+  mem.x[0] = rng.random((8, D))
+  mem.y[0] = rng.choice([0, 1], 8)
+  mem.filled[0] = True
+  gen.x[0] = rng.random((2, D))
+  gen.y[0] = [0, 1]
+  gen.filled[0] = True
+  soft = np.zeros((T, 8, O))
+  soft[0, :, :2] = rng.dirichlet([1, 1], 8)
+  x, y, valid = stream(ctx)[1][0]
+  key = jax.random.PRNGKey(7)
+  with jax.enable_x64(True):
+    state = method.init(jax.random.PRNGKey(0))
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    state = state._replace(
+        variables=jax.tree_util.tree_map(f64, state.variables),
+        memory=state.memory._replace(x=f64(mem.x), y=jnp.asarray(mem.y),
+                                     filled=jnp.asarray(mem.filled)),
+        gen=state.gen._replace(x=f64(gen.x), y=jnp.asarray(gen.y),
+                               filled=jnp.asarray(gen.filled)),
+        soft=f64(soft))
+    theta0 = ref.from_flax(jax.device_get(state.variables["params"]))
+    batch = base.Batch(f64(x), jnp.asarray(y), jnp.asarray(valid),
+                       jnp.int32(t))
+    new, _ = jax.jit(method.observe)(state, batch, key)
+    new_p = ref.from_flax(jax.device_get(new.variables["params"]))
+  xs, ys = ref.bcl_dual_memories(mem, gen, x[valid], y[valid], t, cfg)
+  keys = jax.random.split(jax.random.split(key, 1)[0], c.inner_steps + 1)
+
+  def outer(P):
+    return ref.bcl_dual_meta(P, mem, gen, soft, xs, ys, t, keys, cfg,
+                             ctx.class_mask)
+
+  phi, _, _, g_first_order = outer(theta0)
+  eps = 1e-6
+  checked = 0
+  for layer in range(len(theta0)):
+    for part in range(2):
+      shape = theta0[layer][part].shape
+      for flat in rng.choice(int(np.prod(shape)), 3, replace=False):
+        idx = np.unravel_index(flat, shape)
+        plus, minus = ref.copy.deepcopy(theta0), ref.copy.deepcopy(theta0)
+        plus[layer][part][idx] += eps
+        minus[layer][part][idx] -= eps
+        fd = (outer(plus)[2] - outer(minus)[2]) / (2 * eps)
+        got = (phi[layer][part][idx] - new_p[layer][part][idx]) / c.lr
+        np.testing.assert_allclose(got, fd, rtol=1e-5, atol=1e-8,
+                                   err_msg=f"layer {layer} part {part} {idx}")
+        checked += 1
+  assert checked == 18
+  # The second-order terms matter: the first-order gradient is different.
+  diff = np.abs(g_first_order[0][0] - (phi[0][0] - new_p[0][0]) / c.lr).max()
+  assert diff > 1e-6
+
+
+def test_unrolled_observe_differs_from_first_order_and_is_finite():
+  ctx = make_ctx()
+  outs = {}
+  for mg in ("first_order", "unrolled"):
+    c = make_config(method="bcl_dual", inner_steps=2, n_meta=1,
+                    meta_gradient=mg)
+    method = methods.make(c, ctx)
+    state = method.init(jax.random.PRNGKey(0))
+    x, y, valid = stream(ctx)[0][0]
+    batch = base.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid),
+                       jnp.int32(0))
+    for b in range(3):
+      state, m = jax.jit(method.observe)(state, batch,
+                                         jax.random.PRNGKey(b))
+    assert np.isfinite(float(m["loss"]))
+    outs[mg] = np.asarray(state.variables["params"]["Dense_0"]["kernel"])
+  assert not np.allclose(outs["first_order"], outs["unrolled"])
+
+
+def test_unknown_method_and_adapt_without_memory():
+  ctx = make_ctx()
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    methods.make(make_config(method="nope"), ctx)
+  with pytest.raises(ValueError, match="needs an episodic memory"):
+    methods.make(make_config(method="single", adapt=True), ctx)
+  with pytest.raises(ValueError, match="meta_gradient"):
+    methods.make(make_config(method="bcl_dual", meta_gradient="exact"), ctx)
