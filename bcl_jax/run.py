@@ -41,9 +41,17 @@ def main(argv) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE")
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
+  path = _config_path().split(":")[0]
+  if path == "run":
     fail("--config is required, e.g. --config configs/mnist.py")
+  if not os.path.exists(path):
+    fail(f"config file {path} does not exist; the shipped ones are in "
+         "configs/ (e.g. configs/mnist.py)")
+  try:
+    config = _CONFIG.value
+    config.method  # forces loading: a broken config file fails here
+  except (OSError, AttributeError) as e:
+    fail(f"cannot load config {path}: {str(e).splitlines()[0]}")
   from bcl_jax import experiment  # heavy imports after flag parsing
   workdir = _WORKDIR.value or default_workdir(_config_path())
   try:
@@ -64,11 +72,23 @@ def _config_path() -> str:
   return "run"
 
 
-def cli() -> None:
+def _parse_flags(argv):
+  """absl's flag parsing, with config errors as one line instead of a trace."""
   try:
-    app.run(main)
-  except flags.Error as e:  # pragma: no cover - absl prints usage itself
-    fail(str(e))
+    return flags.FLAGS(argv)
+  except AttributeError as e:
+    # A misspelt --config.FIELD: ml_collections says which and suggests one.
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    msg = msg.replace("\\'", "'").replace("\\\"", '"')
+    fail(f"unknown config field {msg}")
+  except (flags.Error, KeyError, TypeError, ValueError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    head = lines[0].split(":", 1)[0]  # "flag --config=...": names the flag
+    fail(f"{head}: {lines[-1]}" if len(lines) > 1 else lines[0])
+
+
+def cli() -> None:
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

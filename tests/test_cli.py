@@ -1,0 +1,71 @@
+"""The command line: a whole quick run, and each kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+           JAX_PLATFORMS="cpu")
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "bcl_jax.run", *args],
+                        cwd=ROOT, env=ENV, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_quick_run_writes_every_output(tmp_path):
+  wd = tmp_path / "run"
+  p = run_cli("--config", "configs/mnist.py:quick", "--workdir", str(wd),
+              "--config.progress=False", "--config.n_tasks=2")
+  assert p.returncode == 0, p.stderr
+  last = p.stdout.strip().splitlines()[-1]
+  assert last.startswith("ACC ") and " FM " in last and " LA " in last
+  res = json.loads((wd / "results.json").read_text())
+  assert set(res["metrics"]) >= {"acc", "fm", "la", "bwt", "fwt"}
+  assert len(res["accuracy_matrix"]) == 2
+  assert set(res["timing"]) >= {"train_seconds", "compile_seconds",
+                                "ms_per_step", "samples_per_second"}
+  assert res["runs"][0]["seed"] == 0
+  assert f"ACC {res['metrics']['acc']:.4f}" in last
+  cfg = json.loads((wd / "config.json").read_text())
+  assert cfg["method"] == "bcl_dual" and cfg["n_tasks"] == 2
+  txt = (wd / "results.txt").read_text()
+  assert "ACC FM LA:" in txt
+  assert (wd / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config.lrr=0.1"], "unknown config field 'lrr'"),
+    (["--config.lr=abc"], "could not convert"),
+    (["--config.batch_size=0"], "batch_size must be >= 1"),
+    (["--config.method=nope"], "method 'nope' is not one of"),
+    (["--config.data_file=missing.pt"], "missing.pt: no such file"),
+    (["--config.data_file=x.csv", "--config.data_path=" + ROOT],
+     "x.csv"),
+], ids=["typo", "type", "value", "method", "missing", "format"])
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, expect):
+  p = run_cli("--config", "configs/mnist.py", "--workdir",
+              str(tmp_path / "w"), *args)
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr
+  lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1 and expect in lines[0], p.stderr
+
+
+def test_unwritable_workdir_is_reported_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  p = run_cli("--config", "configs/mnist.py", "--workdir",
+              str(blocker / "sub"))
+  assert p.returncode == 2 and "not writable" in p.stderr
+  assert "task 1/" not in p.stdout + p.stderr
+
+
+def test_missing_config_file():
+  p = run_cli("--config", "configs/nope.py")
+  assert p.returncode == 2 and "configs/nope.py does not exist" in p.stderr

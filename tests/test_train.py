@@ -1,0 +1,149 @@
+"""The continual loop: batching, chunked scan, retracing, evaluation, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcl_jax import train
+from bcl_jax.config import default_config
+from bcl_jax.data.benchmark import Task, make_benchmark
+from bcl_jax.methods import base
+
+
+def toy_benchmark(n_tasks=3, n_train=47, n_test=23, seed=0):
+  """Linearly separable tasks so that learning is visible."""
+  rng = np.random.default_rng(seed)
+  tasks = []
+  for t in range(n_tasks):
+    w = rng.normal(size=(12, 4))
+    def make(n):
+      x = rng.random((n, 12)).astype(np.float32)
+      return x, np.argmax(x @ w, 1)
+    xtr, ytr = make(n_train)
+    xte, yte = make(n_test)
+    tasks.append(Task(xtr, ytr, xte, yte, descriptor=t))
+  return make_benchmark("toy", tasks, task_incremental=False)
+
+
+def tiny_config(**kw):
+  c = default_config()
+  c.hidden = (16,)
+  c.n_memories = 20
+  c.replay_batch_size = 8
+  c.batch_size = 5
+  c.chunk_size = 4
+  c.progress = False
+  c.heatmap = False
+  c.lr = 0.1
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_task_order_use_and_short_last_batch():
+  index, valid = train.task_order(23, 1.0, 5, seed=0, task=1)
+  assert index.shape == (5, 5) and valid.sum() == 23
+  assert valid[-1].tolist() == [True, True, True, False, False]
+  assert sorted(index[valid].tolist()) == list(range(23))
+  again, _ = train.task_order(23, 1.0, 5, seed=0, task=1)
+  np.testing.assert_array_equal(index, again)              # reproducible
+  other, _ = train.task_order(23, 1.0, 5, seed=0, task=2)
+  assert not np.array_equal(index, other)                  # per-task order
+  _, v = train.task_order(100, 0.5, 10, seed=0, task=0)
+  assert v.sum() == 50                                     # fraction
+  _, v = train.task_order(100, 37, 10, seed=0, task=0)
+  assert v.sum() == 37 and v.shape == (4, 10)              # count
+  i2, v2 = train.task_order(7, 1.0, 5, seed=0, task=0, n_epochs=2)
+  assert i2.shape == (4, 5) and v2.sum() == 14             # epochs
+
+
+@pytest.mark.parametrize("method", ["single", "er", "bcl_dual"])
+def test_chunked_scan_equals_a_python_loop(method):
+  """Program's chunks (scan + vmap + padding) = observe called step by step."""
+  bench = toy_benchmark()
+  c = tiny_config(method=method)
+  run = train.expand_runs(c)[0]
+  prog = train.Program(c, bench, [run])
+  state = prog.init()
+  loop_state = jax.tree_util.tree_map(lambda a: a[0], state)
+  observe = jax.jit(prog.method.observe)
+  begin = jax.jit(prog.method.begin_task)
+  for t in range(2):
+    task = bench.tasks[t]
+    index, valid = train.task_order(task.x_train.shape[0], 1.0, 5, run.seed, t)
+    n = index.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(t), 12)
+    pad = 12 - n
+    idx_p = np.pad(index, ((0, pad), (0, 0)))[None]
+    val_p = np.pad(valid, ((0, pad), (0, 0)))[None]
+    x_all, y_all = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+    state = prog.begin_task(state, t)
+    for c0 in range(0, 12, 4):
+      state, _ = prog.run_chunk(state, x_all, y_all,
+                                jnp.asarray(idx_p[:, c0:c0 + 4]),
+                                jnp.asarray(val_p[:, c0:c0 + 4]),
+                                keys[None, c0:c0 + 4], t)
+    loop_state = begin(loop_state, jnp.int32(t))
+    for s in range(n):
+      batch = base.Batch(x_all[index[s]], y_all[index[s]],
+                         jnp.asarray(valid[s]), jnp.int32(t))
+      loop_state, _ = observe(loop_state, batch, keys[s])
+  flat_a = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a: np.asarray(a)[0], state))
+  flat_b = jax.tree_util.tree_leaves(loop_state)
+  assert len(flat_a) == len(flat_b)
+  for a, b in zip(flat_a, flat_b):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_no_retrace_across_tasks_and_learning_happens():
+  bench = toy_benchmark(n_tasks=4, n_train=200)
+  before = dict(train.TRACE_COUNTS)
+  out = train.train_and_evaluate(tiny_config(method="er", lr=0.3), bench,
+                                 log=lambda *_: None)
+  assert train.TRACE_COUNTS["chunk"] - before["chunk"] == 1
+  assert train.TRACE_COUNTS["evaluate"] - before["evaluate"] == 1
+  acc = out["accuracy"]
+  assert acc.shape == (1, 4, 4)
+  assert np.all((acc >= 0) & (acc <= 1))
+  # Each task is learned well above chance (4 classes) right after training.
+  assert np.diag(acc[0]).mean() > 0.5
+  assert out["init_accuracy"].shape == (1, 4)
+  t = out["timing"]
+  assert t["train_seconds"] > 0 and t["compile_seconds"] > 0
+  assert t["steps"] == 4 * 40 and len(t["per_task"]) == 4
+
+
+def test_same_seed_same_numbers_and_seeds_differ():
+  bench = toy_benchmark()
+  runs = [train.train_and_evaluate(tiny_config(method="bcl_dual", seed=s),
+                                   bench, log=lambda *_: None)["accuracy"]
+          for s in (0, 0, 1)]
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert not np.array_equal(runs[0], runs[2])
+
+
+def test_non_finite_loss_names_task_and_step():
+  bench = toy_benchmark()
+  with pytest.raises(train.TrainingError,
+                     match=r"non-finite loss .* at task 0, step \d+ .*lr"):
+    train.train_and_evaluate(tiny_config(method="single", lr=1e30), bench,
+                             log=lambda *_: None)
+
+
+def test_task_incremental_evaluation_masks_other_columns():
+  """An untrained-but-biased model still scores within its task's columns."""
+  rng = np.random.default_rng(0)
+  tasks = [Task(rng.random((10, 4)).astype(np.float32),
+                np.full(10, 2 * t), rng.random((6, 4)).astype(np.float32),
+                np.full(6, 2 * t)) for t in range(2)]
+  bench = make_benchmark("ti", tasks, task_incremental=True, n_outputs=4)
+  assert bench.class_mask.tolist() == [[True, False, False, False],
+                                       [False, False, True, False]]
+  # One column per task: every prediction is right whatever the weights.
+  prog = train.Program(tiny_config(method="single"), bench,
+                       train.expand_runs(tiny_config()))
+  state = prog.init()
+  tests = tuple(jnp.asarray(a) for a in train._stack_tests(bench, 1000))
+  np.testing.assert_array_equal(prog.evaluate(state, tests, 0), [[1.0, 1.0]])
