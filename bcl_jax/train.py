@@ -126,7 +126,7 @@ class Program:
     self.bench = bench
     self.runs = runs
     model = build_model(config.model, bench.input_shape, bench.n_outputs,
-                        tuple(config.hidden))
+                        tuple(config.hidden), pretrained=config.pretrained)
     x0 = bench.tasks[0].x_train
     self.ctx = base.Context(model=model, class_mask=bench.class_mask,
                             input_shape=bench.input_shape,
@@ -231,17 +231,19 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
                        state=None, start_task: int = 0,
-                       accuracy=None, log=print) -> dict:
+                       accuracy=None, init_accuracy=None, log=print) -> dict:
   """Learns the tasks of ``bench`` in order and evaluates after each.
 
   Args:
     config: the experiment config (see ``bcl_jax.config``).
     bench: the benchmark.
-    on_task_end: optional ``f(task, state, accuracy_rows)`` called after each
-      task's evaluation (checkpointing hooks in here).
+    on_task_end: optional ``f(task, state, accuracy, init_accuracy)`` called
+      after each task's evaluation, with ``accuracy`` the ``[runs, task+1,
+      T]`` rows so far (checkpointing hooks in here).
     state: a run-batched state to continue from (resume), with
-      ``start_task`` the first task still to learn and ``accuracy`` the rows
-      already computed.
+      ``start_task`` the first task still to learn, ``accuracy`` the
+      ``[runs, start_task, T]`` rows already computed and ``init_accuracy``
+      the untrained model's ``[runs, T]`` accuracies (or None).
     log: where one-line progress messages go.
 
   Returns:
@@ -254,10 +256,12 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
   if state is None:
     state = prog.init()
   tests = tuple(jnp.asarray(a) for a in _stack_tests(bench, prog.eval_bs))
-  init_acc = None
+  init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
     init_acc = prog.evaluate(state, tests, -1)
-  rows = [] if accuracy is None else [np.asarray(r) for r in accuracy]
+  # rows[k] is [runs, T]: the evaluation after task k.
+  rows = [] if accuracy is None else list(np.moveaxis(np.asarray(accuracy),
+                                                      1, 0))
   per_task, train_seconds, total_steps, total_samples = [], 0.0, 0, 0
   for t in range(start_task, n_tasks):
     task = bench.tasks[t]
@@ -316,7 +320,7 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
         f"acc so far {mean_row[:t + 1].mean():.4f} "
         f"[{' '.join(f'{a:.3f}' for a in mean_row)}]")
     if on_task_end is not None:
-      on_task_end(t, state, np.stack(rows, 1) if rows else None)
+      on_task_end(t, state, np.stack(rows, 1), init_acc)
   accuracy = np.stack(rows, 1)  # [runs, T, T]
   timing = {
       "train_seconds": train_seconds,

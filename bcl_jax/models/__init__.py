@@ -5,12 +5,14 @@ objects:
 
 * ``init(key) -> variables``: ``{"params": ..., "batch_stats": ...}``
   (``batch_stats`` is an empty dict for networks without BatchNorm).
-* ``apply(variables, x, train) -> (logits, variables)``: ``x`` is a raw batch
+* ``apply(variables, x, train, mask=None) -> (logits, variables)``: ``x`` is
+  a raw batch
   as stored (float32 in [0, 1] or uint8, flat or ``[N, C, H, W]``); the model
   scales and reshapes it. With ``train=True`` BatchNorm uses batch statistics
   and the returned variables carry the updated running averages; with
   ``train=False`` it uses the running averages and returns ``variables``
-  unchanged.
+  unchanged. ``mask`` (bool ``[N]``, training mode only) marks the real rows
+  of a padded batch: BatchNorm's batch statistics use those rows alone.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ def from_flax(module, input_shape: tuple[int, ...], name: str,
     return {"params": variables["params"],
             "batch_stats": variables["batch_stats"]}
 
-  def apply(variables, x, train):
+  def apply(variables, x, train, mask=None):
     x = preprocess(x)
     if train and jax.tree_util.tree_leaves(variables["batch_stats"]):
+      kw = {} if mask is None else {"mask": mask}
       logits, updates = module.apply(variables, x, train=True,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], **kw)
       return logits, {"params": variables["params"],
                       "batch_stats": updates["batch_stats"]}
     return module.apply(variables, x, train=train), variables
@@ -61,7 +64,8 @@ def from_flax(module, input_shape: tuple[int, ...], name: str,
 
 
 def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,
-                hidden: tuple[int, ...] = (128, 128, 128)) -> Model:
+                hidden: tuple[int, ...] = (128, 128, 128),
+                pretrained: str = "") -> Model:
   """Builds a network by name.
 
   ``"auto"`` picks the reference's choice from the input shape: the MLP for
@@ -79,10 +83,20 @@ def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,
       name = "resnet18_reduced"
     else:
       name = "resnet18"
+  if pretrained and name != "resnet18":
+    raise ValueError(f"pretrained weights ({pretrained}) are only supported "
+                     f"for model 'resnet18', not {name!r}")
   if name == "mlp":
     return mlp.make_mlp(input_shape, n_outputs, hidden)
   if name in ("resnet18_reduced", "resnet18"):
     from bcl_jax.models import resnet
-    return resnet.make_resnet(name, input_shape, n_outputs)
+    model = resnet.make_resnet(name, input_shape, n_outputs)
+    if pretrained:
+      base_init = model.init
+
+      def init(key):
+        return resnet.load_pretrained_npz(base_init(key), pretrained)
+      model = model._replace(init=init)
+    return model
   raise ValueError(f"unknown model {name!r}; choose one of "
                    "'auto', 'mlp', 'resnet18_reduced', 'resnet18'")
