@@ -194,6 +194,92 @@ def test_batchnorm_rejects_single_value_per_channel():
              mutable=["batch_stats"])
 
 
+def test_batchnorm_mask_uses_only_real_rows():
+  rng = np.random.default_rng(7)
+  real = rng.normal(0.5, 1.5, (3, 2, 2, 4)).astype(np.float32)  # n = 12
+  padded = np.concatenate([real[:2], np.full((2, 2, 2, 4), 50.0, np.float32),
+                           real[2:], np.full((1, 2, 2, 4), -9.0, np.float32)])
+  mask = np.array([True, True, False, False, True, False])
+  bn = resnet.BatchNorm()
+  start = {"mean": rng.normal(size=4).astype(np.float32),
+           "var": rng.uniform(0.5, 2.0, 4).astype(np.float32)}
+  variables = {"params": {"scale": rng.normal(size=4).astype(np.float32),
+                          "bias": rng.normal(size=4).astype(np.float32)},
+               "batch_stats": start}
+  y, upd = bn.apply(variables, padded, train=True, mask=mask,
+                    mutable=["batch_stats"])
+  y_ref, upd_ref = bn.apply(variables, real, train=True,
+                            mutable=["batch_stats"])
+  np.testing.assert_allclose(y[mask], y_ref, rtol=1e-4, atol=1e-5)
+  flat = real.reshape(-1, 4).astype(np.float64)
+  want_mean = 0.9 * start["mean"] + 0.1 * flat.mean(0)
+  want_var = 0.9 * start["var"] + 0.1 * flat.var(0, ddof=1)  # 12 / 11
+  for got in (upd["batch_stats"], upd_ref["batch_stats"]):
+    np.testing.assert_allclose(got["mean"], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["var"], want_var, rtol=1e-5, atol=1e-6)
+  # An all-True mask is the unmasked layer.
+  y_all, upd_all = bn.apply(variables, real, train=True,
+                            mask=np.ones(3, bool), mutable=["batch_stats"])
+  np.testing.assert_allclose(y_all, y_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd_all["batch_stats"]["var"], want_var,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_all_padding_keeps_stats_and_stays_finite():
+  bn = resnet.BatchNorm()
+  x = jnp.full((4, 1, 1, 3), 2.0)
+  variables = bn.init(jax.random.key(0), x, train=False)
+  stats = {"mean": jnp.array([0.5, -1.0, 2.0]),
+           "var": jnp.array([1.5, 0.5, 3.0])}
+  variables = {"params": variables["params"], "batch_stats": stats}
+
+  def f(params):
+    y, upd = bn.apply({"params": params, "batch_stats": stats}, x,
+                      train=True, mask=jnp.zeros(4, bool),
+                      mutable=["batch_stats"])
+    return jnp.sum(y), upd["batch_stats"]
+
+  (total, new), grads = jax.value_and_grad(f, has_aux=True)(
+      variables["params"])
+  assert np.isfinite(float(total))
+  for g in jax.tree_util.tree_leaves(grads):
+    assert np.all(np.isfinite(np.asarray(g)))
+  for k in stats:
+    np.testing.assert_array_equal(new[k], stats[k])
+
+
+def test_reduced_model_mask_matches_unpadded_batch(reduced):
+  model, variables, _ = reduced
+  rng = np.random.default_rng(8)
+  real = rng.integers(0, 256, (3, 3072), np.uint8)
+  junk = np.full((3, 3072), 255, np.uint8)
+  padded = np.concatenate([real[:1], junk[:2], real[1:], junk[2:]])
+  mask = np.array([True, False, False, True, True, False])
+  apply = jax.jit(model.apply, static_argnums=2)
+  logits_ref, ref = apply(variables, jnp.asarray(real), True)
+  logits, got = apply(variables, jnp.asarray(padded), True, jnp.asarray(mask))
+  np.testing.assert_allclose(logits[mask], logits_ref, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(got["batch_stats"]),
+                  jax.tree_util.tree_leaves(ref["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Without the mask the padding rows would move the statistics.
+  _, unmasked = apply(variables, jnp.asarray(padded), True)
+  assert not np.allclose(unmasked["batch_stats"]["bn1"]["mean"],
+                         ref["batch_stats"]["bn1"]["mean"], atol=1e-4)
+
+
+def test_apply_many_all_padding_batch_keeps_stats(reduced):
+  from bcl_jax.methods import base
+  model, variables, _ = reduced
+  x = jax.random.uniform(jax.random.key(9), (4, 3072))
+  (_, _), new = base.apply_many(model, variables, [x, x], True,
+                                masks=[jnp.ones(4, bool), jnp.zeros(4, bool)])
+  _, once = model.apply(variables, x, True, jnp.ones(4, bool))
+  for a, b in zip(jax.tree_util.tree_leaves(new["batch_stats"]),
+                  jax.tree_util.tree_leaves(once["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_model_train_updates_stats_eval_leaves_them(reduced):
   _, variables, apply = reduced
   x = jax.random.uniform(jax.random.key(3), (4, 3072))
@@ -364,3 +450,42 @@ def test_convert_script_without_torch(tmp_path):
   assert not any(k.endswith("num_batches_tracked") for k in arrays)
   assert all(a.dtype == np.float32 for a in arrays.values())
   assert script.main(["convert"]) == 2  # usage, before any torch import
+
+
+def test_pretrained_through_program_init(tmp_path):
+  """``train.Program.init`` builds the state under jit(vmap(init)): the
+  loader sees tracers and must only use their shapes."""
+  from bcl_jax import train
+  from bcl_jax.config import default_config
+  from bcl_jax.data.benchmark import Task, make_benchmark
+  shapes = _torchvision_resnet18_shapes()
+  # One constant per key (its index): tiny compressed, yet every key differs.
+  sd = {k: np.full(s, i, np.float32) for i, (k, s) in
+        enumerate(sorted(shapes.items())) if s}
+  path = str(tmp_path / "r18.npz")
+  np.savez_compressed(path, **sd)
+  rng = np.random.default_rng(10)
+  tasks = [Task(rng.integers(0, 256, (4, 3, 16, 16), np.uint8),
+                np.array([2 * t, 2 * t + 1] * 2),
+                rng.integers(0, 256, (2, 3, 16, 16), np.uint8),
+                np.array([2 * t, 2 * t + 1])) for t in range(2)]
+  bench = make_benchmark("tiny", tasks, task_incremental=True)
+  config = default_config()
+  config.model, config.pretrained, config.num_seeds = "resnet18", path, 2
+  config.n_memories = 10
+  prog = train.Program(config, bench, train.expand_runs(config))
+  state = prog.init()
+  v = state.variables
+  index = {k: i for i, k in enumerate(sorted(shapes))}
+  for run in range(2):
+    np.testing.assert_array_equal(
+        v["params"]["layer2"]["0"]["downsample"]["0"]["kernel"][run],
+        index["layer2.0.downsample.0.weight"])
+    np.testing.assert_array_equal(v["batch_stats"]["bn1"]["var"][run],
+                                  index["bn1.running_var"])
+    np.testing.assert_array_equal(v["params"]["layer4"]["1"]["bn2"]["bias"][run],
+                                  index["layer4.1.bn2.bias"])
+  fc = np.asarray(v["params"]["fc"]["kernel"])
+  assert fc.shape == (2, 512, 4)
+  assert not np.allclose(fc[0], fc[1])  # fresh, seeded per run
+  assert not np.allclose(fc[0], index["fc.weight"])

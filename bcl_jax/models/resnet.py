@@ -105,7 +105,18 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalises ``x``; ``mask`` (bool ``[N]``) marks the real rows.
+
+    With a mask (training mode), the batch mean and variance, and the count
+    ``n`` of the ``n / (n - 1)`` correction, come from the masked rows alone,
+    so a padded batch gives the statistics of its unpadded rows; padding rows
+    are normalised with them too but carry no weight. When no row is real the
+    running averages are left as they are. (PyTorch would refuse a batch with
+    a single value per channel; a traced count cannot raise, so ``n = 1``
+    uses the correction 1, which multiplies a zero variance anyway.)
+    """
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -115,20 +126,33 @@ class BatchNorm(nn.Module):
                                 lambda: jnp.ones((c,), jnp.float32))
     if train:
       axes = tuple(range(x.ndim - 1))
-      n = math.prod(x.shape[:-1])
-      mean = jnp.mean(x, axis=axes)
-      var = jnp.mean(jnp.square(x - mean), axis=axes)
-      if not self.is_initializing():
-        if n < 2:
+      if mask is None:
+        n = math.prod(x.shape[:-1])
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+        if n < 2 and not self.is_initializing():
           # PyTorch refuses too: the unbiased variance of one value is 0/0.
           raise ValueError(
               f"BatchNorm in training mode needs more than one value per "
               f"channel, got input shape {x.shape}")
+        correction, any_real = n / max(n - 1, 1), True
+      else:
+        w = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.sum(w) * math.prod(x.shape[1:-1])
+        # max(n, 1): an all-padding batch gives mean = var = 0, not NaN
+        # (NaN would leak into gradients through the masked-out rows).
+        mean = jnp.sum(x * w, axis=axes) / jnp.maximum(n, 1.0)
+        var = jnp.sum(w * jnp.square(x - mean), axis=axes) / jnp.maximum(
+            n, 1.0)
+        correction, any_real = n / jnp.maximum(n - 1.0, 1.0), n > 0
+      if not self.is_initializing():
         m = self.momentum
         batch_mean = jax.lax.stop_gradient(mean)
-        batch_var = jax.lax.stop_gradient(var) * (n / (n - 1))
-        running_mean.value = (1.0 - m) * running_mean.value + m * batch_mean
-        running_var.value = (1.0 - m) * running_var.value + m * batch_var
+        batch_var = jax.lax.stop_gradient(var * correction)
+        new_mean = (1.0 - m) * running_mean.value + m * batch_mean
+        new_var = (1.0 - m) * running_var.value + m * batch_var
+        running_mean.value = jnp.where(any_real, new_mean, running_mean.value)
+        running_var.value = jnp.where(any_real, new_var, running_var.value)
     else:
       mean, var = running_mean.value, running_var.value
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
@@ -156,9 +180,10 @@ class _Projection(nn.Module):
   conv_init: Initializer
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               mask: jax.Array | None = None) -> jax.Array:
     x = _conv(self.features, 1, self.stride, 0, self.conv_init, "0")(x)
-    return BatchNorm(name="1")(x, train)
+    return BatchNorm(name="1")(x, train, mask)
 
 
 class BasicBlock(nn.Module):
@@ -178,14 +203,15 @@ class BasicBlock(nn.Module):
   shortcut_name: str = "shortcut"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               mask: jax.Array | None = None) -> jax.Array:
     out = _conv(self.features, 3, self.stride, 1, self.conv_init, "conv1")(x)
-    out = nn.relu(BatchNorm(name="bn1")(out, train))
+    out = nn.relu(BatchNorm(name="bn1")(out, train, mask))
     out = _conv(self.features, 3, 1, 1, self.conv_init, "conv2")(out)
-    out = BatchNorm(name="bn2")(out, train)
+    out = BatchNorm(name="bn2")(out, train, mask)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = _Projection(self.features, self.stride, self.conv_init,
-                      name=self.shortcut_name)(x, train)
+                      name=self.shortcut_name)(x, train, mask)
     return nn.relu(out + x)
 
 
@@ -199,15 +225,18 @@ class _Stage(nn.Module):
   shortcut_name: str
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               mask: jax.Array | None = None) -> jax.Array:
     for i in range(self.n_blocks):
       x = BasicBlock(self.features, self.stride if i == 0 else 1,
-                     self.conv_init, self.shortcut_name, name=str(i))(x, train)
+                     self.conv_init, self.shortcut_name, name=str(i))(
+                         x, train, mask)
     return x
 
 
 def _trunk(x: jax.Array, train: bool, widths: Sequence[int],
-           conv_init: Initializer, shortcut_name: str) -> jax.Array:
+           conv_init: Initializer, shortcut_name: str,
+           mask: jax.Array | None = None) -> jax.Array:
   """``layer1..layer4`` then global average pooling -> ``[N, widths[-1]]``.
 
   Must be called inside a compact method: the stages attach to its module.
@@ -215,7 +244,7 @@ def _trunk(x: jax.Array, train: bool, widths: Sequence[int],
   for i, (width, stride, n_blocks) in enumerate(
       zip(widths, STAGE_STRIDES, BLOCKS_PER_STAGE)):
     x = _Stage(width, stride, n_blocks, conv_init, shortcut_name,
-               name=f"layer{i + 1}")(x, train)
+               name=f"layer{i + 1}")(x, train, mask)
   return jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1))
 
 
@@ -239,13 +268,14 @@ class ReducedResNet18(nn.Module):
   nf: int = 20
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
     init = torch_default_init()
     x = _conv(self.nf, 3, 1, 1, init, "conv1")(x)
-    x = nn.relu(BatchNorm(name="bn1")(x, train))
+    x = nn.relu(BatchNorm(name="bn1")(x, train, mask))
     x = _max_pool_3x3_s2(x)
     widths = [self.nf * k for k in (1, 2, 4, 8)]
-    x = _trunk(x, train, widths, init, "shortcut")
+    x = _trunk(x, train, widths, init, "shortcut", mask)
     return _linear(self.n_outputs, x.shape[-1], "linear")(x)
 
 
@@ -263,12 +293,13 @@ class ResNet18(nn.Module):
   n_outputs: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
     init = torchvision_conv_init()
     x = _conv(64, 7, 2, 3, init, "conv1")(x)
-    x = nn.relu(BatchNorm(name="bn1")(x, train))
+    x = nn.relu(BatchNorm(name="bn1")(x, train, mask))
     x = _max_pool_3x3_s2(x)
-    x = _trunk(x, train, (64, 128, 256, 512), init, "downsample")
+    x = _trunk(x, train, (64, 128, 256, 512), init, "downsample", mask)
     return _linear(self.n_outputs, x.shape[-1], "fc")(x)
 
 
