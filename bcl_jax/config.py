@@ -54,4 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_init = True           # evaluate the untrained model (GEM's FWT)
   c.progress = True
   c.heatmap = True
+  # Checkpoints (README "Checkpoints and resuming").
+  c.checkpoint = True          # save <workdir>/checkpoints/<task> after each
+  c.keep = 0                   # checkpoints kept, newest first (0: all)
+  c.resume_from = -1           # -1: after the last checkpoint; k: after task k
+  c.force_resume = False       # resume although result-changing fields differ
   return c

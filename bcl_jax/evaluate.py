@@ -1,0 +1,92 @@
+"""Re-evaluates a checkpoint on every task.
+
+    python -m bcl_jax.evaluate --workdir results/mnist-... --task 3
+
+Rebuilds the benchmark from the checkpointed config, restores the state
+saved after task ``k`` (0-based; default: the last checkpoint), evaluates it
+on every task's test set with the training loop's own evaluation, and prints
+the row ``R[k]`` (per run when there are several) and whether it equals the
+row recorded during training. Exit code 0 if it does, 1 if it differs, 2 on
+bad input (no such workdir or checkpoint, a corrupt checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def evaluate(workdir: str, task: int | None = None, bench=None) -> dict:
+  """Evaluates checkpoint ``task`` of ``workdir`` on every task.
+
+  Returns:
+    ``{"task", "row" [runs, T], "saved_row" [runs, T], "path", "runs"}``.
+  """
+  import jax.numpy as jnp
+  from bcl_jax import checkpoint
+  from bcl_jax import train
+  from bcl_jax.data import load_benchmark
+
+  steps = checkpoint.available(workdir)
+  if not steps:
+    raise checkpoint.CheckpointError(
+        f"no checkpoints in {checkpoint.directory(workdir)}")
+  task = steps[-1] if task is None or task < 0 else task
+  if task not in steps:
+    raise checkpoint.CheckpointError(
+        f"no checkpoint {checkpoint.directory(workdir)}/{task}; available: "
+        f"{steps}")
+  _, cfg = checkpoint.read_meta(workdir, task)
+  config = checkpoint.config_from_dict(cfg)
+  if bench is None:
+    bench = load_benchmark(config)
+  ck = checkpoint.load(workdir, task, bench=bench)
+  prog = train.Program(config, bench, train.expand_runs(config))
+  tests = tuple(jnp.asarray(a) for a in train._stack_tests(bench,
+                                                           prog.eval_bs))
+  row = prog.evaluate(ck.state, tests, task)
+  return {"task": task, "row": row, "saved_row": ck.accuracy[:, task],
+          "path": ck.path, "runs": ck.meta["runs"]}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m bcl_jax.evaluate",
+      description="Re-evaluate the state saved after a task on every task.")
+  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser.add_argument("--task", type=int, default=None,
+                      help="0-based task index of the checkpoint (default: "
+                      "the last)")
+  args = parser.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from bcl_jax import checkpoint
+  from bcl_jax.data.errors import DataError
+  try:
+    out = evaluate(args.workdir, args.task)
+  except (checkpoint.CheckpointError, DataError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  row, saved = out["row"], out["saved_row"]
+  k, n_tasks = out["task"], row.shape[1]
+  print(f"{out['path']}: after task {k + 1}/{n_tasks} (R[{k}])")
+  fmt = lambda r: " ".join(f"{a:.4f}" for a in r)
+  if row.shape[0] > 1:
+    for r, run in enumerate(out["runs"]):
+      print(f"run {r} (seed {run['seed']}): {fmt(row[r])}")
+    print(f"mean: {fmt(row.mean(0))}")
+  else:
+    print(fmt(row[0]))
+  if np.array_equal(row, saved):
+    print("equal to the row recorded during training")
+    return 0
+  print(f"differs from the row recorded during training (max |diff| "
+        f"{np.max(np.abs(row - saved)):.3g}): {fmt(saved.mean(0))}")
+  return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
