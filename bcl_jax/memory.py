@@ -76,14 +76,21 @@ def ring_write(buf: RingBuffer, task: jax.Array, x: jax.Array, y: jax.Array,
   valid = valid.astype(bool)
   n_valid = jnp.sum(valid).astype(jnp.int32)
   rank = jnp.cumsum(valid).astype(jnp.int32) - 1
-  row_x, row_y, row_f = buf.x[task], buf.y[task], buf.filled[task]
+  bx, by, bf = buf.x, buf.y, buf.filled
 
   if fill_on_first_write:
     first = jnp.argmax(valid)  # index of the first valid row
-    do_fill = jnp.logical_and(~jnp.any(row_f), n_valid > 0)
-    row_x = jnp.where(do_fill, jnp.broadcast_to(x[first], row_x.shape), row_x)
-    row_y = jnp.where(do_fill, y[first], row_y)
-    row_f = jnp.logical_or(row_f, do_fill)
+    do_fill = jnp.logical_and(~jnp.any(bf[task]), n_valid > 0)
+
+    def fill(arrays):
+      bx, by, bf = arrays
+      return (bx.at[task].set(jnp.broadcast_to(x[first].astype(bx.dtype),
+                                               bx.shape[1:])),
+              by.at[task].set(y[first].astype(jnp.int32)),
+              bf.at[task].set(True))
+
+    # A real branch: the copy happens once per task, not every step.
+    bx, by, bf = jax.lax.cond(do_fill, fill, lambda a: a, (bx, by, bf))
 
   ptr = buf.ptr
   if drop_at_wrap:
@@ -94,12 +101,11 @@ def ring_write(buf: RingBuffer, task: jax.Array, x: jax.Array, y: jax.Array,
   else:
     slot = jnp.where(valid, (ptr + rank) % size, size)
     new_ptr = (ptr + n_valid) % size
-  # Slot ``size`` is out of range: those rows are dropped by the scatter.
-  row_x = row_x.at[slot].set(x.astype(row_x.dtype), mode="drop")
-  row_y = row_y.at[slot].set(y.astype(jnp.int32), mode="drop")
-  row_f = row_f.at[slot].set(True, mode="drop")
-  return RingBuffer(x=buf.x.at[task].set(row_x), y=buf.y.at[task].set(row_y),
-                    filled=buf.filled.at[task].set(row_f),
+  # Slot ``size`` is out of range: those rows are dropped by the scatter,
+  # which writes only the batch's rows into the (donated) buffer.
+  return RingBuffer(x=bx.at[task, slot].set(x.astype(bx.dtype), mode="drop"),
+                    y=by.at[task, slot].set(y.astype(jnp.int32), mode="drop"),
+                    filled=bf.at[task, slot].set(True, mode="drop"),
                     ptr=new_ptr.astype(jnp.int32))
 
 

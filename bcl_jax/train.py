@@ -138,21 +138,74 @@ class Program:
     self.eval_bs = int(config.eval_batch_size)
     self._compiled: dict[str, Any] = {}
     self.compile_seconds = 0.0
+    self._setup_sharding()
+
+  # -- runs and devices -----------------------------------------------------
+  def _setup_sharding(self):
+    """Shards the run axis over the devices (all of them if they divide it).
+
+    With one device (or one run) nothing is sharded. Otherwise the mesh has
+    the largest number of devices that divides the number of runs; the
+    per-task data and test sets are replicated, so each device holds its own
+    runs' states and one copy of the data.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    devices = jax.devices()
+    n = len(self.runs)
+    k = max(d for d in range(1, len(devices) + 1) if n % d == 0)
+    self.n_shards = k
+    if k == 1:
+      self.run_sharding = self.replicated = None
+      return
+    mesh = Mesh(np.array(devices[:k]), ("runs",))
+    self.run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place_runs(self, tree):
+    """Puts run-batched arrays on the devices, split along the run axis."""
+    if self.run_sharding is None:
+      return jax.tree_util.tree_map(jnp.asarray, tree)
+    return jax.device_put(tree, self.run_sharding)
+
+  def place_shared(self, tree):
+    """Puts arrays every run reads (task data) on the devices once."""
+    if self.replicated is None:
+      return jax.tree_util.tree_map(jnp.asarray, tree)
+    return jax.device_put(tree, self.replicated)
+
+  def over_runs(self, f, in_axes=0):
+    """``vmap(f)`` over the run axis; with a single run, ``f`` itself on the
+    squeezed arguments (the same maths, without batched kernels)."""
+    if len(self.runs) > 1:
+      return jax.vmap(f, in_axes=in_axes)
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else None
+
+    def single(*args):
+      ax = axes or (in_axes,) * len(args)
+      args = [jax.tree_util.tree_map(lambda a: a[0], x) if a == 0 else x
+              for x, a in zip(args, ax)]
+      return jax.tree_util.tree_map(lambda a: a[None], f(*args))
+    return single
 
   # -- initial state --------------------------------------------------------
   def init(self):
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.seed), 0)
                       for r in self.runs])
-    state = jax.jit(jax.vmap(self.method.init))(keys)
+    state = jax.jit(self.over_runs(self.method.init))(keys)
     hp = {k: jnp.asarray([r.hp[k] for r in self.runs], jnp.float32)
           for k in base.HP_FIELDS}
-    return state._replace(hp=hp)
+    return self.place_runs(state._replace(hp=hp))
 
   # -- compiled functions ---------------------------------------------------
   def _compile(self, name: str, fn: Callable, *args, donate=()):
     if name not in self._compiled:
       start = time.perf_counter()
-      self._compiled[name] = jax.jit(fn, donate_argnums=donate).lower(
+      kw = {}
+      if self.run_sharding is not None:
+        # Every output (states, losses, accuracies) has the run axis first;
+        # pinning it keeps the state's layout the same from call to call.
+        kw["out_shardings"] = self.run_sharding
+      self._compiled[name] = jax.jit(fn, donate_argnums=donate, **kw).lower(
           *args).compile()
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[name]
@@ -171,10 +224,10 @@ class Program:
         return s, jnp.where(active, m["loss"], 0.0)
       return jax.lax.scan(body, s, (index, valid, keys))
 
-    return jax.vmap(one_run)(state, index, valid, keys)
+    return self.over_runs(one_run)(state, index, valid, keys)
 
   def _begin_fn(self, state, task):
-    return jax.vmap(self.method.begin_task, in_axes=(0, None))(state, task)
+    return self.over_runs(self.method.begin_task, (0, None))(state, task)
 
   def _eval_fn(self, state, x, y, valid, seen):
     TRACE_COUNTS["evaluate"] += 1
@@ -199,7 +252,7 @@ class Program:
 
       return jax.lax.map(one_task, jnp.arange(x.shape[0]))
 
-    return jax.vmap(one_run)(state)
+    return self.over_runs(one_run)(state)
 
   def begin_task(self, state, task: int):
     t = jnp.asarray(task, jnp.int32)
@@ -255,7 +308,9 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
   n_runs, n_tasks, bsz = len(runs), bench.n_tasks, int(config.batch_size)
   if state is None:
     state = prog.init()
-  tests = tuple(jnp.asarray(a) for a in _stack_tests(bench, prog.eval_bs))
+  if state is not None:
+    state = prog.place_runs(state)
+  tests = prog.place_shared(_stack_tests(bench, prog.eval_bs))
   init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
     init_acc = prog.evaluate(state, tests, -1)
@@ -279,14 +334,14 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
         jax.random.split(jax.random.fold_in(jax.random.fold_in(
             jax.random.PRNGKey(r.seed), 1), t), n_steps + pad)
         for r in runs])
-    x_all, y_all = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+    x_all, y_all = prog.place_shared((task.x_train, task.y_train))
     state = prog.begin_task(state, t)
     bar = _progress(n_steps, f"task {t + 1}/{n_tasks}", config.progress)
     task_train = 0.0
     for c in range(n_chunks):
       sl = slice(c * prog.chunk, (c + 1) * prog.chunk)
-      args = (x_all, y_all, jnp.asarray(index[:, sl]),
-              jnp.asarray(valid[:, sl]), keys[:, sl])
+      args = (x_all, y_all, *prog.place_runs(
+          (index[:, sl], valid[:, sl], keys[:, sl])))
       prog.compile_chunk(state, *args)  # no-op after the first chunk
       start = time.perf_counter()
       state, losses = prog.run_chunk(state, *args, t)
