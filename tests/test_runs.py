@@ -123,3 +123,22 @@ def test_sharded_equals_unsharded_on_four_cpu_devices():
       rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got["acc"]), here["accuracy"],
                              atol=1e-6)
+
+
+def test_sweep_script_one_program_per_shape(tmp_path, capsys):
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import sweep as sweep_script
+  rows = sweep_script.main([
+      "--config", os.path.join(ROOT, "configs/mnist.py:quick"),
+      "--grid", "n_memories=20,30", "--vmap", "lr=0.03,0.1", "--seeds", "2",
+      "--set", "n_tasks=2", "--set", "use=40", "--workdir", str(tmp_path)])
+  assert [(r["setting"]["n_memories"], r["setting"]["lr"]) for r in rows] == [
+      (20, 0.03), (20, 0.1), (30, 0.03), (30, 0.1)]
+  assert all(r["n"] == 2 for r in rows)
+  out = capsys.readouterr().out
+  assert "ACC" in out and "±" in out
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  assert saved == rows
+  with pytest.raises(SystemExit, match="changes array shapes"):
+    sweep_script.main(["--config", os.path.join(ROOT, "configs/mnist.py"),
+                       "--vmap", "n_memories=1,2"])
