@@ -202,3 +202,17 @@ def adapted_per_task(model: Model, variables, memory, seen, lr, steps: int):
     return select(t <= seen, adapted, variables)
 
   return jax.vmap(one)(jnp.arange(n_tasks))
+
+
+def make_eval_variables(model: Model, adapt: bool, steps: int = 1):
+  """``eval_variables`` of a method: the state's variables, or with test-time
+  adaptation one adapted copy per task made from the episodic memory
+  ``state.memory`` (``steps`` SGD steps at ``hp["adapt_lr"]``)."""
+
+  def eval_variables(state, seen):
+    if adapt:
+      return adapted_per_task(model, state.variables, state.memory, seen,
+                              state.hp["adapt_lr"], steps), True
+    return state.variables, False
+
+  return eval_variables

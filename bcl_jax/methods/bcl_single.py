@@ -65,10 +65,7 @@ def make(config, ctx: base.Context) -> base.Method:
     variables = base.interpolate(theta0, after, hp["beta"])
     return state._replace(variables=variables), {"loss": losses[-1]}
 
-  def eval_variables(state, seen):
-    if config.adapt:
-      return base.adapted_per_task(model, state.variables, state.memory, seen,
-                                   state.hp["adapt_lr"], inner_steps), True
-    return state.variables, False
+  eval_variables = base.make_eval_variables(model, bool(config.adapt),
+                                            inner_steps)
 
   return base.Method("bcl_single", init, begin_task, observe, eval_variables)

@@ -41,8 +41,6 @@ def make(config, ctx: base.Context) -> base.Method:
     v = {"params": base.sgd(v["params"], g, state.hp["lr"]), "batch_stats": bs}
     return state._replace(variables=v), {"loss": loss}
 
-  def eval_variables(state, seen):
-    del seen
-    return state.variables, False
+  eval_variables = base.make_eval_variables(model, adapt=False)
 
   return base.Method("single", init, begin_task, observe, eval_variables)
