@@ -159,6 +159,8 @@ def main():
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--meta-gradient", default="first_order")
   ap.add_argument("--no-check", action="store_true")
+  ap.add_argument("--full-run", action="store_true",
+                  help="also time a whole N=1 run over every task")
   args = ap.parse_args()
 
   c = default_config()
@@ -202,6 +204,18 @@ def main():
           f"{n * c.batch_size * args.steps / best:>10.0f} {gflops:>8.2f} "
           f"{100 * gflops / peak:>7.1f}% {ms / floor_ms:>7.2f}", flush=True)
     finals[n] = state
+  if args.full_run:
+    full = c.copy_and_resolve_references()
+    full.num_seeds = 1
+    t0 = time.perf_counter()
+    out = train.train_and_evaluate(full, bench, log=lambda *_: None)
+    wall = time.perf_counter() - t0
+    t = out["timing"]
+    acc = float(out["accuracy"][0, -1].mean())
+    print(f"full run, N=1, {bench.n_tasks} tasks: wall {wall:.1f}s (train "
+          f"{t['train_seconds']:.1f}s, compile {t['compile_seconds']:.1f}s), "
+          f"{t['ms_per_step']:.3f} ms/step, {t['samples_per_second']:.0f} "
+          f"samples/s, ACC {acc:.4f}")
   if not args.no_check and 1 in finals:
     ref = np.concatenate([a.ravel() for a in
                           jax.tree_util.tree_leaves(finals[1])])
