@@ -336,3 +336,56 @@ def test_unknown_method_and_adapt_without_memory():
     methods.make(make_config(method="single", adapt=True), ctx)
   with pytest.raises(ValueError, match="meta_gradient"):
     methods.make(make_config(method="bcl_dual", meta_gradient="exact"), ctx)
+
+
+def test_bcl_dual_memories_slot_by_slot():
+  """A hand-made sequence; labels double as sample ids.
+
+  n_memories = 5 -> n_val = 1 generalisation slot, n_mem = 4 episodic slots.
+  Task 0, batch [1,2,3]: G[0] <- 1 (first write fills the row); training
+  batch [2,3]; M[0] filled with 2 then 2,3 written: [2,3,2,2], ptr 2.
+  Task 0, batch [4,5,6]: 1 is evicted from G and rejoins: training batch
+  [5,6,1]; G[0] = [4]; 5,6 fill slots 2,3 and 1 does not fit (drop_at_wrap):
+  M[0] = [2,3,5,6], ptr back to 0.
+  Task 1, batch [7,8,9]: pointers reset; G[1] = [7] (nothing to evict);
+  M[1] = [8,9,8,8], ptr 2. Task 0's rows are untouched.
+  """
+  mask = np.ones((2, 10), bool)
+  ctx = base.Context(model=build_model("mlp", (1,), 10, hidden=(3,)),
+                     class_mask=mask, input_shape=(1,),
+                     input_dtype=np.float32, batch_size=3)
+  c = make_config(method="bcl_dual", n_memories=5, replay_batch_size=4)
+  method = methods.make(c, ctx)
+  state = method.init(jax.random.PRNGKey(0))
+  observe, begin = jax.jit(method.observe), jax.jit(method.begin_task)
+
+  def feed(state, t, ids):
+    x = jnp.asarray(ids, jnp.float32)[:, None]
+    batch = base.Batch(x, jnp.asarray(ids, jnp.int32), jnp.ones(3, bool),
+                       jnp.int32(t))
+    return observe(state, batch, jax.random.PRNGKey(sum(ids)))[0]
+
+  def rows(buf):
+    y = np.asarray(buf.y).tolist()
+    x = np.asarray(buf.x)[..., 0].astype(int).tolist()
+    assert x == y  # inputs moved together with their labels
+    return [[v if f else None for v, f in zip(r, fr)]
+            for r, fr in zip(y, np.asarray(buf.filled).tolist())]
+
+  state = begin(state, jnp.int32(0))
+  state = feed(state, 0, [1, 2, 3])
+  assert rows(state.gen) == [[1], [None]]
+  assert rows(state.memory) == [[2, 3, 2, 2], [None] * 4]
+  assert int(state.memory.ptr) == 2
+  state = feed(state, 0, [4, 5, 6])
+  assert rows(state.gen) == [[4], [None]]
+  assert rows(state.memory) == [[2, 3, 5, 6], [None] * 4]
+  assert int(state.memory.ptr) == 0
+  state = begin(state, jnp.int32(1))
+  state = feed(state, 1, [7, 8, 9])
+  assert rows(state.gen) == [[4], [7]]
+  assert rows(state.memory) == [[2, 3, 5, 6], [8, 9, 8, 8]]
+  assert int(state.memory.ptr) == 2 and int(state.gen.ptr) == 0
+  # Soft targets for task 0 were made at the switch: rows sum to 1.
+  np.testing.assert_allclose(np.asarray(state.soft)[0].sum(-1), 1, rtol=1e-5)
+  assert not np.asarray(state.soft)[1].any()
