@@ -180,7 +180,7 @@ def _earlier_hint(workdir: str, task: int) -> str:
   if not earlier:
     return "no earlier checkpoint exists; start again in a new workdir"
   return (f"resume from an earlier one with --config.resume_from="
-          f"{earlier[-1]} (usable checkpoints: {earlier})")
+          f"{earlier[-1]} (earlier checkpoints: {earlier})")
 
 
 def _read_json_item(workdir: str, task: int, item: str) -> dict:
