@@ -214,17 +214,28 @@ class Program:
     TRACE_COUNTS["chunk"] += 1
     observe = self.method.observe
 
-    def one_run(s, index, valid, keys):
-      def body(s, inp):
-        idx, v, k = inp
-        batch = base.Batch(x=x_all[idx], y=y_all[idx], valid=v, task=task)
-        new, m = observe(s, batch, k)
-        active = jnp.any(v)
-        s = base.select(active, new, s)
-        return s, jnp.where(active, m["loss"], 0.0)
-      return jax.lax.scan(body, s, (index, valid, keys))
+    def one_run(s, idx, v, k):
+      batch = base.Batch(x=x_all[idx], y=y_all[idx], valid=v, task=task)
+      new, m = observe(s, batch, k)
+      return new, m["loss"]
 
-    return self.over_runs(one_run)(state, index, valid, keys)
+    step = self.over_runs(one_run)
+    n_runs = index.shape[0]
+
+    def body(s, inp):
+      idx, v, k = inp
+      # Padding steps (after a task's last batch) are the same for every run,
+      # so one un-batched predicate skips them: a real branch, which leaves
+      # the state (memories included) untouched instead of selecting
+      # between two copies of it.
+      return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k),
+                          lambda s: (s, jnp.zeros((n_runs,), jnp.float32)), s)
+
+    # Scan over time with the runs inside each step.
+    state, losses = jax.lax.scan(
+        body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
+                      jnp.swapaxes(keys, 0, 1)))
+    return state, jnp.swapaxes(losses, 0, 1)
 
   def _begin_fn(self, state, task):
     return self.over_runs(self.method.begin_task, (0, None))(state, task)
@@ -325,6 +336,9 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
                         r.seed, t, int(config.n_epochs)) for r in runs]
     index = np.stack([o[0] for o in order])
     valid = np.stack([o[1] for o in order])
+    # Every run sees the same number of batches (only their order differs),
+    # which the chunk step relies on to skip padding for all runs at once.
+    assert (valid == valid[:1]).all()
     n_steps = index.shape[1]
     n_chunks = math.ceil(n_steps / prog.chunk)
     pad = n_chunks * prog.chunk - n_steps
