@@ -139,6 +139,34 @@ def test_images_to_nhwc_channel_order():
     resnet.images_to_nhwc(jnp.zeros((1, 32, 32, 3)))
 
 
+@pytest.mark.parametrize("kernel,stride,padding,side", [
+    (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (1, 2, 0, 8), (1, 2, 0, 7),
+    (7, 2, 3, 12), (7, 2, 3, 11)])
+def test_conv2d_gradients_match_jax_rules(kernel, stride, padding, side):
+  """The canonical-layout VJP equals JAX's own transpose rules."""
+  rng = np.random.default_rng(kernel * 100 + side)
+  x = jnp.asarray(rng.normal(size=(3, side, side, 4)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)), jnp.float32)
+  ours, vjp = jax.vjp(lambda x, k: resnet.conv2d(x, k, stride, padding), x, k)
+  ref, ref_vjp = jax.vjp(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), ((padding, padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC")), x, k)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  dy = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  for a, b in zip(vjp(dy), ref_vjp(dy)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Second order (meta_gradient="unrolled" differentiates through grads).
+  def gnorm(conv):
+    return lambda k: jnp.sum(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(k)
+                             ** 2)
+  ours2 = jax.grad(gnorm(lambda x, k: resnet.conv2d(x, k, stride, padding)))(k)
+  ref2 = jax.grad(gnorm(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), ((padding, padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))))(k)
+  np.testing.assert_allclose(ours2, ref2, rtol=1e-3, atol=1e-2)
+
+
 # --- BatchNorm ---------------------------------------------------------------
 
 
