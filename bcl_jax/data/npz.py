@@ -86,6 +86,31 @@ def _descriptor(value: Any) -> Any:
   return value
 
 
+# File-name prefix -> the prepare_data.py arguments that write such a file.
+_MAKERS = (
+    ("cifar", "cifar100 --source cifar-100-python.tar.gz"),
+    ("cub", "cub --source CUB_200_2011"),
+    ("mini", "mini --source DIR_WITH_MINI_IMAGENET_CACHES"),
+    ("mnist_rotations", "rotated --source embedded|DIR_WITH_MNIST"),
+    ("mnist_permutations", "permuted --source embedded|DIR_WITH_MNIST"),
+)
+
+
+def _how_to_create(path: str) -> str:
+  """How to make a missing ``.npz``: the prepare_data command, if known."""
+  folder = os.path.dirname(path) or "."
+  name = os.path.basename(path)
+  for prefix, args in _MAKERS:
+    if name.startswith(prefix):
+      if prefix.startswith("mnist"):
+        return (f"create it with `python scripts/prepare_data.py {args} "
+                f"--out {path}`")
+      return (f"create it with `python scripts/prepare_data.py {args} "
+              f"--out-dir {folder}` (writes {prefix}-val.npz and "
+              f"{prefix}-cl.npz)")
+  return "create it with `python scripts/prepare_data.py` (see its --help)"
+
+
 def load_npz(path: str | os.PathLike) -> Benchmark:
   """Reads a benchmark written by :func:`save_npz`.
 
@@ -96,7 +121,7 @@ def load_npz(path: str | os.PathLike) -> Benchmark:
   path = os.fspath(path)
   how = "re-create it with `python scripts/prepare_data.py`"
   if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file; {how}")
+    raise DataError(f"{path}: no such file; {_how_to_create(path)}")
   try:
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
