@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_seeds = 1
   c.sweep = ""
+  c.run_batching = "auto"      # auto | vmap | map (how runs share a step)
   # Loop and outputs.
   c.chunk_size = 100           # observe steps per compiled chunk
   c.eval_batch_size = 1000

@@ -139,6 +139,14 @@ class Program:
     self._compiled: dict[str, Any] = {}
     self.compile_seconds = 0.0
     self._setup_sharding()
+    mode = config.get("run_batching", "auto")
+    if mode not in ("auto", "vmap", "map"):
+      raise ValueError(f"run_batching must be 'auto', 'vmap' or 'map', got "
+                       f"{mode!r}")
+    if mode == "auto":
+      mode = "map" if (jax.default_backend() == "cpu"
+                       and self.n_shards == 1) else "vmap"
+    self.run_batching = mode
 
   # -- runs and devices -----------------------------------------------------
   def _setup_sharding(self):
@@ -174,18 +182,39 @@ class Program:
     return jax.device_put(tree, self.replicated)
 
   def over_runs(self, f, in_axes=0):
-    """``vmap(f)`` over the run axis; with a single run, ``f`` itself on the
-    squeezed arguments (the same maths, without batched kernels)."""
-    if len(self.runs) > 1:
-      return jax.vmap(f, in_axes=in_axes)
-    axes = in_axes if isinstance(in_axes, (tuple, list)) else None
+    """``f`` applied to every run (leading axis) of its ``in_axes == 0``
+    arguments.
 
-    def single(*args):
+    One run: ``f`` itself on the squeezed arguments (the same maths, without
+    batched kernels). Several: ``vmap`` (``run_batching = "vmap"``, the
+    default on accelerators and whenever the runs are sharded), or a
+    sequential ``lax.map`` inside the compiled step (``"map"``, the default
+    on a single CPU device, where batched matmuls of small per-run weights
+    run slower than the runs one after the other).
+    """
+    axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else None
+
+    def split(args):
       ax = axes or (in_axes,) * len(args)
-      args = [jax.tree_util.tree_map(lambda a: a[0], x) if a == 0 else x
-              for x, a in zip(args, ax)]
-      return jax.tree_util.tree_map(lambda a: a[None], f(*args))
-    return single
+      return ax, [x for x, a in zip(args, ax) if a == 0]
+
+    def merge(args, ax, batched):
+      it = iter(batched)
+      return [next(it) if a == 0 else x for x, a in zip(args, ax)]
+
+    if len(self.runs) == 1:
+      def single(*args):
+        ax, batched = split(args)
+        batched = [jax.tree_util.tree_map(lambda a: a[0], b) for b in batched]
+        return jax.tree_util.tree_map(lambda a: a[None],
+                                      f(*merge(args, ax, batched)))
+      return single
+    if self.run_batching == "map":
+      def mapped(*args):
+        ax, batched = split(args)
+        return jax.lax.map(lambda b: f(*merge(args, ax, b)), tuple(batched))
+      return mapped
+    return jax.vmap(f, in_axes=in_axes)
 
   # -- initial state --------------------------------------------------------
   def init(self):
@@ -219,19 +248,30 @@ class Program:
       new, m = observe(s, batch, k)
       return new, m["loss"]
 
-    step = self.over_runs(one_run)
     n_runs = index.shape[0]
 
-    def body(s, inp):
-      idx, v, k = inp
+    def skip_padding(step, s, idx, v, k, zeros):
       # Padding steps (after a task's last batch) are the same for every run,
       # so one un-batched predicate skips them: a real branch, which leaves
       # the state (memories included) untouched instead of selecting
       # between two copies of it.
       return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k),
-                          lambda s: (s, jnp.zeros((n_runs,), jnp.float32)), s)
+                          lambda s: (s, zeros), s)
 
-    # Scan over time with the runs inside each step.
+    if n_runs == 1 or self.run_batching == "map":
+      # Each run scans its own chunk; runs (if several) one after another.
+      def run_scan(s, index, valid, keys):
+        def body(s, inp):
+          return skip_padding(one_run, s, *inp, jnp.zeros((), jnp.float32))
+        return jax.lax.scan(body, s, (index, valid, keys))
+      return self.over_runs(run_scan)(state, index, valid, keys)
+
+    # vmap: scan over time, all runs batched inside each step.
+    step = self.over_runs(one_run)
+
+    def body(s, inp):
+      return skip_padding(step, s, *inp, jnp.zeros((n_runs,), jnp.float32))
+
     state, losses = jax.lax.scan(
         body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
                       jnp.swapaxes(keys, 0, 1)))

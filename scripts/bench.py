@@ -158,6 +158,8 @@ def main():
                   help="observe steps per timed chunk")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--meta-gradient", default="first_order")
+  ap.add_argument("--run-batching", default="auto",
+                  choices=["auto", "vmap", "map"])
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--full-run", action="store_true",
                   help="also time a whole N=1 run over every task")
@@ -180,11 +182,14 @@ def main():
     c.lr, c.beta, c.inner_steps, c.n_meta, c.n_memories = 0.3, 0.1, 2, 1, 65
     bench = cifar_like()
     macs, first = 14_085_760, 3 * 20 * 9 * 32 * 32
+  c.run_batching = args.run_batching
   flops = step_flops(c, bench.n_tasks, bench.n_inputs, bench.n_outputs,
                      macs, first)
   peak = matmul_gflops()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPUs; f32 matmul 1024^3: {peak:.1f} GFLOP/s")
+  print(f"runs batched by: {args.run_batching} "
+        f"(auto = map on one CPU device, vmap otherwise)")
   print(f"{args.method} on {bench.name}: {flops / 1e6:.1f} MFLOP per observe "
         f"step per run (analytic)")
   runs = [int(r) for r in args.runs.split(",")]
