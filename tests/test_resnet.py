@@ -517,3 +517,25 @@ def test_pretrained_through_program_init(tmp_path):
   assert fc.shape == (2, 512, 4)
   assert not np.allclose(fc[0], fc[1])  # fresh, seeded per run
   assert not np.allclose(fc[0], index["fc.weight"])
+
+
+def test_masked_padding_rows_stay_finite_with_one_real_row():
+  """Full ResNet-18 at 32x32: layer4 is 1x1, so one real row has zero
+  variance there; the padding rows must not blow up into inf/NaN."""
+  model = build_model("resnet18", (3, 32, 32), 10)
+  variables = jax.jit(model.init)(jax.random.key(11))
+  x = jax.random.uniform(jax.random.key(12), (4, 3, 32, 32))
+  mask = jnp.array([True, False, False, False])
+
+  def loss(params):
+    logits, new = model.apply({"params": params,
+                               "batch_stats": variables["batch_stats"]},
+                              x, True, mask)
+    return jnp.sum(jnp.where(mask[:, None], logits, 0.0)), (logits, new)
+
+  (value, (logits, new)), grads = jax.jit(
+      jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  assert np.isfinite(float(value))
+  assert np.all(np.isfinite(np.asarray(logits)))
+  for leaf in jax.tree_util.tree_leaves((grads, new)):
+    assert np.all(np.isfinite(np.asarray(leaf)))

@@ -112,9 +112,9 @@ class BatchNorm(nn.Module):
 
     With a mask (training mode), the batch mean and variance, and the count
     ``n`` of the ``n / (n - 1)`` correction, come from the masked rows alone,
-    so a padded batch gives the statistics of its unpadded rows; padding rows
-    are normalised with them too but carry no weight. When no row is real the
-    running averages are left as they are. (PyTorch would refuse a batch with
+    so a padded batch gives the statistics of its unpadded rows; the output's
+    padding rows are zeros. When no row is real the running averages are left
+    as they are. (PyTorch would refuse a batch with
     a single value per channel; a traced count cannot raise, so ``n = 1``
     uses the correction 1, which multiplies a zero variance anyway.)
     """
@@ -138,13 +138,12 @@ class BatchNorm(nn.Module):
               f"channel, got input shape {x.shape}")
         correction, any_real = n / max(n - 1, 1), True
       else:
-        w = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        n = jnp.sum(w) * math.prod(x.shape[1:-1])
-        # max(n, 1): an all-padding batch gives mean = var = 0, not NaN
-        # (NaN would leak into gradients through the masked-out rows).
-        mean = jnp.sum(x * w, axis=axes) / jnp.maximum(n, 1.0)
-        var = jnp.sum(w * jnp.square(x - mean), axis=axes) / jnp.maximum(
-            n, 1.0)
+        real = mask.reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.sum(mask).astype(x.dtype) * math.prod(x.shape[1:-1])
+        # max(n, 1): an all-padding batch gives mean = var = 0, not NaN.
+        mean = jnp.sum(jnp.where(real, x, 0.0), axis=axes) / jnp.maximum(n, 1.)
+        var = jnp.sum(jnp.where(real, jnp.square(x - mean), 0.0),
+                      axis=axes) / jnp.maximum(n, 1.0)
         correction, any_real = n / jnp.maximum(n - 1.0, 1.0), n > 0
       if not self.is_initializing():
         m = self.momentum
@@ -156,8 +155,13 @@ class BatchNorm(nn.Module):
         running_var.value = jnp.where(any_real, new_var, running_var.value)
     else:
       mean, var = running_mean.value, running_var.value
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-    return y * scale + bias
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if train and mask is not None:
+      # Padding rows leave as zeros: normalised with the real rows' statistics
+      # they could grow without bound (a near-zero variance scales by
+      # 1/sqrt(eps) per layer) until inf * 0 poisons the sums and gradients.
+      y = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), y, 0.0)
+    return y
 
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
