@@ -1,0 +1,345 @@
+"""End to end: the paper's benchmarks from files in their real formats.
+
+Each test writes a tiny copy of a dataset in its distribution format (CIFAR-100
+python pickles, a CUB_200_2011 folder of JPEGs, miniImageNet pickle caches,
+the reference's float ``cifar-cl.pt``, MNIST digits), prepares it with
+``scripts/prepare_data.py`` where the real workflow does, and runs
+``bcl_dual`` through ``configs/<benchmark>.py:quick``. Sample counts are
+scaled down; formats, shapes (but CUB's image size, see below) and the code
+path are the real ones. Runs at CUB's real 224x224, and ``scripts/run.sh`` on
+all four benchmarks, are marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from bcl_jax import experiment, train
+from bcl_jax.data import load_benchmark, npz, torch_pickle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name: str):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config(benchmark: str, variant: str = "quick", **overrides):
+  spec = importlib.util.spec_from_file_location(
+      f"cfg_{benchmark}", os.path.join(REPO, "configs", f"{benchmark}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(variant)
+  c.progress = False
+  c.heatmap = False
+  c.checkpoint = False
+  if variant == "quick":  # smaller still: 2 batches per task, tiny test sets
+    overrides = {"use": 20, "eval_batch_size": 10, **overrides}
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _prepare(*argv: str) -> None:
+  quiet = ["--quiet"] if argv[0] in ("cifar100", "cub", "mini") else []
+  assert _script("prepare_data").main([*argv, *quiet]) == 0
+
+
+def _check_results(res: dict, n_tasks: int) -> None:
+  acc = np.asarray(res["accuracy_matrix"])
+  assert acc.shape == (n_tasks, n_tasks)
+  assert np.all((acc >= 0) & (acc <= 1))
+  for k in ("acc", "fm", "la"):
+    assert np.isfinite(res["metrics"][k])
+
+
+# ----------------------------------------------------------- generators --
+
+
+def write_cifar_pickles(root, n_train: int = 10, n_test: int = 2):
+  """``cifar-100-python/{train,test}``: uint8 [N, 3072] + fine labels."""
+  folder = root / "cifar-100-python"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("test", n_test)):
+    y = rng.permutation(np.repeat(np.arange(100), n))
+    x = rng.integers(0, 256, (len(y), 3072), np.uint8)
+    x[:, :1024] = (y * 2)[:, None]  # a learnable red plane
+    with open(folder / split, "wb") as f:
+      pickle.dump({"data": x, "fine_labels": y.tolist(),
+                   "coarse_labels": (y // 5).tolist()}, f, protocol=2)
+  return folder
+
+
+def write_cub_folder(root, n_per_split: int = 2):
+  """``CUB_200_2011`` with the three index files and tiny JPEGs."""
+  cub = root / "CUB_200_2011"
+  lines = {"images.txt": [], "image_class_labels.txt": [],
+           "train_test_split.txt": []}
+  i = 0
+  for c in range(200):
+    cls = f"{c + 1:03d}.Bird_{c}"
+    (cub / "images" / cls).mkdir(parents=True)
+    for train in [1] * n_per_split + [0] * n_per_split:
+      i += 1
+      rel = f"{cls}/Bird_{i:05d}.jpg"
+      Image.new("RGB", (12, 9), (c, 255 - c, 60 + 100 * train)).save(
+          cub / "images" / rel, quality=90)
+      lines["images.txt"].append(f"{i} {rel}")
+      lines["image_class_labels.txt"].append(f"{i} {c + 1}")
+      lines["train_test_split.txt"].append(f"{i} {train}")
+  for name, rows in lines.items():
+    (cub / name).write_text("\n".join(rows) + "\n")
+  return cub
+
+
+def write_mini_caches(root, per_class: int = 3, side: int = 84):
+  """``mini-imagenet-cache-{train,val,test}.pkl`` (64 / 16 / 20 classes)."""
+  root.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(3)
+  names = [f"n{k:08d}" for k in range(100)]
+  for split, cls in (("train", names[:64]), ("val", names[64:80]),
+                     ("test", names[80:])):
+    n = per_class * len(cls)
+    data = rng.integers(0, 256, (n, side, side, 3), np.uint8)
+    class_dict = {name: list(range(k * per_class, (k + 1) * per_class))
+                  for k, name in enumerate(cls)}
+    with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+      pickle.dump({"image_data": data, "class_dict": class_dict}, f,
+                  protocol=4)
+  return root
+
+
+def write_reference_cifar_cl_pt(bench, path) -> None:
+  """``cifar-cl.pt`` as the reference writes it: float x [N, 3072] in [0, 1]."""
+  tr, te = [], []
+  for t in bench.tasks:
+    tr.append([t.descriptor, t.x_train.astype(np.float32) / 255,
+               t.y_train.astype(np.int64)])
+    te.append([t.descriptor, t.x_test.astype(np.float32) / 255,
+               t.y_test.astype(np.int64)])
+  torch_pickle.save_torch_zip([tr, te], path)
+
+
+@pytest.fixture(scope="module")
+def cifar_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cifar")
+  src = write_cifar_pickles(root)
+  _prepare("cifar100", "--source", str(src), "--out-dir", str(root / "data"))
+  return root / "data"
+
+
+# --------------------------------------------------------------- tests --
+
+
+def test_cifar_pickles_prepare_and_run(cifar_data, tmp_path):
+  assert sorted(os.listdir(cifar_data)) == ["cifar-cl.npz", "cifar-val.npz"]
+  config = _config("cifar", data_path=str(cifar_data))
+  assert (config.lr, config.beta, config.inner_steps, config.n_meta) == (
+      0.3, 0.1, 2, 1)
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 2)
+  assert res["benchmark"]["n_outputs"] == 85  # the file's, not the 2 tasks'
+  assert res["benchmark"]["input_shape"] == [3072]
+  on_disk = json.loads((tmp_path / "wd" / "results.json").read_text())
+  assert on_disk["metrics"]["acc"] == pytest.approx(res["metrics"]["acc"])
+
+
+def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
+  """The reference's float ``cifar-cl.pt``; BatchNorm moves in training only."""
+  path = tmp_path / "cifar-cl.pt"
+  write_reference_cifar_cl_pt(npz.load_npz(cifar_data / "cifar-cl.npz"), path)
+  config = _config("cifar", data_path=str(tmp_path), data_file="cifar-cl.pt")
+  bench = load_benchmark(config)
+  assert bench.task_incremental and bench.n_tasks == 2
+  assert bench.tasks[0].x_train.dtype == np.float32
+  for t in range(2):  # the first 2 of 17 tasks keep their own 5 columns
+    np.testing.assert_array_equal(bench.head_columns(t),
+                                  range(5 * t, 5 * t + 5))
+  out = train.train_and_evaluate(config, bench, log=lambda *_: None)
+  prog = out["program"]
+  assert prog.model.name == "resnet18_reduced"
+  acc = out["accuracy"]
+  assert acc.shape == (1, 2, 2) and np.all(np.isfinite(acc))
+
+  start = prog.init()
+  for path_, before, after in zip(
+      jax.tree_util.tree_leaves_with_path(start.variables["batch_stats"]),
+      jax.tree_util.tree_leaves(start.variables["batch_stats"]),
+      jax.tree_util.tree_leaves(out["state"].variables["batch_stats"])):
+    assert not np.allclose(before, after), path_[0]  # every BN layer trained
+
+  # Evaluation is inference mode: running statistics are used and kept, so
+  # a sample's logits do not depend on the rest of its batch.
+  variables = jax.tree_util.tree_map(lambda a: a[0], out["state"].variables)
+  x = jnp.asarray(bench.tasks[1].x_test)
+  logits, after_eval = prog.model.apply(variables, x, False)
+  for a, b in zip(jax.tree_util.tree_leaves(after_eval),
+                  jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  alone, _ = prog.model.apply(variables, x[:3], False)
+  np.testing.assert_allclose(alone, logits[:3], rtol=1e-4, atol=1e-4)
+  train_logits, _ = prog.model.apply(variables, x[:3], True)
+  assert not np.allclose(train_logits, alone, atol=1e-3)
+
+
+def test_mini_pickle_caches_prepare_and_run(tmp_path):
+  src = write_mini_caches(tmp_path / "mini")
+  _prepare("mini", "--source", str(src), "--out-dir", str(tmp_path / "data"),
+           "--train-per-class", "2")
+  config = _config("mini", data_path=str(tmp_path / "data"))
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 2)
+  assert res["benchmark"]["input_shape"] == [3, 84, 84]
+  assert res["benchmark"]["n_outputs"] == 85
+
+
+def test_cub_jpegs_prepare_and_run_small_images(tmp_path):
+  """CUB at 32x32 (``--size 32``): the full ResNet-18 at 224 is slow on CPU;
+  ``test_cub_224`` (slow) runs the real size."""
+  src = write_cub_folder(tmp_path)
+  _prepare("cub", "--source", str(src), "--out-dir", str(tmp_path / "data"),
+           "--size", "32")
+  config = _config("cub", data_path=str(tmp_path / "data"))
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 2)
+  assert res["benchmark"]["input_shape"] == [3, 32, 32]
+  assert res["benchmark"]["n_outputs"] == 170
+
+
+@pytest.mark.slow
+def test_cub_224(tmp_path):
+  src = write_cub_folder(tmp_path)
+  _prepare("cub", "--source", str(src), "--out-dir", str(tmp_path / "data"))
+  config = _config("cub", data_path=str(tmp_path / "data"))
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 2)
+  assert res["benchmark"]["input_shape"] == [3, 224, 224]
+
+
+def test_rotated_mnist_embedded_and_prepared(tmp_path):
+  config = _config("rotated_mnist", use=100, eval_batch_size=500)
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 3)
+  assert res["benchmark"]["n_outputs"] == 10
+  assert not res["benchmark"]["task_incremental"]
+  # GEM's layout from prepare_data: 20 tasks, 0-180 degrees.
+  _prepare("rotated", "--source", "embedded", "--n-tasks", "20", "--out",
+           str(tmp_path / "mnist_rotations.npz"))
+  bench = load_benchmark(_config("rotated_mnist", "", data_path=str(tmp_path),
+                                 data_file="mnist_rotations.npz", n_tasks=0))
+  angles = [t.descriptor for t in bench.tasks]
+  assert len(angles) == 20 and 0 <= angles[0] < 9 and 171 <= angles[-1] < 180
+
+
+@pytest.mark.parametrize("name", ["rotated_mnist", "cifar", "cub", "mini"])
+def test_configs_paper_values_and_variants(name, tmp_path):
+  paper = {"cifar": (0.3, 0.1, 2, 1, 65), "cub": (0.03, 0.3, 1, 2, 50),
+           "mini": (0.05, 0.1, 2, 1, 65),
+           "rotated_mnist": (0.03, 0.3, 1, 2, 256)}[name]
+  c = _config(name, "")
+  assert (c.lr, c.beta, c.inner_steps, c.n_meta, c.n_memories) == paper
+  assert (c.batch_size, c.replay_batch_size, c.temperature,
+          c.memory_strength, c.method) == (10, 128, 5.0, 100.0, "bcl_dual")
+  val = _config(name, "val")
+  if name != "rotated_mnist":
+    assert c.data_file == f"{name}-cl.npz"
+    assert val.data_file == f"{name}-val.npz"
+    # A missing file says how to make it.
+    with pytest.raises(Exception, match=r"no such file.*prepare_data\.py "):
+      load_benchmark(_config(name, "val,quick", data_path=str(tmp_path)))
+  with pytest.raises(ValueError, match="unknown variant"):
+    _config(name, "nope")
+
+
+def _env():
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return env
+
+
+def test_run_sh_skips_missing_data(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  _prepare("permuted", "--source", "embedded", "--n-tasks", "2", "--out",
+           str(data / "mnist_permutations.npz"))
+  env = _env()
+  env.update(DATA=str(data), RESULTS=str(tmp_path / "results"),
+             PYTHON=sys.executable, BENCHMARKS="mnist cifar")
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "scripts", "run.sh"), "--config.use=50",
+       "--config.progress=False", "--config.heatmap=False",
+       "--config.checkpoint=False"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr
+  assert "skipping cifar" in proc.stderr
+  assert "prepare_data.py cifar100" in proc.stderr
+  runs = os.listdir(tmp_path / "results")
+  assert len(runs) == 1 and runs[0].startswith("mnist-bcl_dual-")
+  res = json.loads((tmp_path / "results" / runs[0] / "results.json")
+                   .read_text())
+  assert np.asarray(res["accuracy_matrix"]).shape == (2, 2)  # n_tasks=0: all
+  assert "ACC" in proc.stdout
+
+
+def test_cross_validate_grid(tmp_path):
+  out = tmp_path / "best.txt"
+  cv = _script("cross_validate")
+  rc = cv.main(["--config", "configs/rotated_mnist.py:quick",
+                "--grid", "lr=0.03,0.1;inner_steps=1,2", "--set", "use=40",
+                "--set", "n_tasks=2", "--workdir", str(tmp_path / "cv"),
+                "--out", str(out)])
+  assert rc == 0
+  line = out.read_text().strip()
+  assert line.startswith("--config.inner_steps=") or "--config.lr=" in line
+  summary = json.loads((tmp_path / "cv" / "cross_validation.json")
+                       .read_text())
+  assert summary["config"].endswith("rotated_mnist.py:val,quick")
+  assert len(summary["rows"]) == 4
+  best = summary["rows"][summary["best"]]
+  assert best["acc"] == max(r["acc"] for r in summary["rows"])
+  assert line == summary["override"]
+  assert f"--config.lr={best['setting']['lr']:g}" in line
+
+
+@pytest.mark.slow
+def test_run_sh_four_benchmarks(tmp_path, cifar_data):
+  data = tmp_path / "data"
+  data.mkdir()
+  _prepare("permuted", "--source", "embedded", "--n-tasks", "2", "--out",
+           str(data / "mnist_permutations.npz"))
+  os.symlink(cifar_data / "cifar-cl.npz", data / "cifar-cl.npz")
+  _prepare("cub", "--source", str(write_cub_folder(tmp_path)), "--out-dir",
+           str(data), "--size", "32")
+  _prepare("mini", "--source", str(write_mini_caches(tmp_path / "mini")),
+           "--out-dir", str(data), "--train-per-class", "2")
+  env = _env()
+  env.update(DATA=str(data), RESULTS=str(tmp_path / "results"),
+             PYTHON=sys.executable)
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "scripts", "run.sh"), "--config.n_tasks=2",
+       "--config.use=20", "--config.n_memories=20",
+       "--config.replay_batch_size=16", "--config.progress=False",
+       "--config.heatmap=False", "--config.checkpoint=False"],
+      env=env, capture_output=True, text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  runs = sorted(os.listdir(tmp_path / "results"))
+  assert [r.split("-")[0] for r in runs] == ["cifar", "cub", "mini", "mnist"]
+  for r in runs:
+    res = json.loads((tmp_path / "results" / r / "results.json").read_text())
+    assert np.asarray(res["accuracy_matrix"]).shape == (2, 2)
