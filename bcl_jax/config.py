@@ -61,3 +61,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.resume_from = -1           # -1: after the last checkpoint; k: after task k
   c.force_resume = False       # resume although result-changing fields differ
   return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, variant: str, name: str,
+                   **variants: dict) -> ml_collections.ConfigDict:
+  """Applies ``--config FILE:a,b``: each named variant is a dict of overrides.
+
+  Raises:
+    ValueError: for a variant ``name`` does not define, listing those it does.
+  """
+  for v in filter(None, (p.strip() for p in variant.split(","))):
+    if v not in variants:
+      choices = ", ".join(repr(k) for k in variants)
+      raise ValueError(f"unknown variant {v!r} of {name}; use {choices} "
+                       "(several joined by ',')")
+    c.update(variants[v])
+  return c

@@ -21,7 +21,7 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 2 tasks of 50 samples, small memories, for a smoke run.
 """
 
-from bcl_jax.config import default_config
+from bcl_jax.config import apply_variants, default_config
 
 
 def get_config(variant: str = ""):
@@ -42,17 +42,8 @@ def get_config(variant: str = ""):
   c.use = 1.0
   c.model = "auto"  # -> resnet18_reduced for flat 3072 inputs
   c.eval_batch_size = 500  # a CIFAR task's test set
-  for v in filter(None, variant.split(",")):
-    if v == "val":
-      c.data_file = "cifar-val.npz"
-    elif v == "quick":
-      c.n_tasks = 2
-      c.use = 50
-      c.n_memories = 20
-      c.replay_batch_size = 16
-      c.chunk_size = 5
-      c.eval_batch_size = 100
-    else:
-      raise ValueError(f"unknown variant {v!r} of configs/cifar.py; "
-                       "use '', 'val', 'quick' or 'val,quick'")
-  return c
+  return apply_variants(
+      c, variant, "configs/cifar.py",
+      val=dict(data_file="cifar-val.npz"),
+      quick=dict(n_tasks=2, use=50, n_memories=20, replay_batch_size=16,
+                 chunk_size=5, eval_batch_size=100))

@@ -29,7 +29,7 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 2 tasks of 20 samples, small memories, for a smoke run.
 """
 
-from bcl_jax.config import default_config
+from bcl_jax.config import apply_variants, default_config
 
 
 def get_config(variant: str = ""):
@@ -52,17 +52,8 @@ def get_config(variant: str = ""):
   c.pretrained = ""  # path to a converted torchvision .npz, see above
   c.eval_batch_size = 50  # 224x224 activations: keep evaluation chunks small
   c.chunk_size = 20
-  for v in filter(None, variant.split(",")):
-    if v == "val":
-      c.data_file = "cub-val.npz"
-    elif v == "quick":
-      c.n_tasks = 2
-      c.use = 20
-      c.n_memories = 20
-      c.replay_batch_size = 16
-      c.chunk_size = 2
-      c.eval_batch_size = 20
-    else:
-      raise ValueError(f"unknown variant {v!r} of configs/cub.py; "
-                       "use '', 'val', 'quick' or 'val,quick'")
-  return c
+  return apply_variants(
+      c, variant, "configs/cub.py",
+      val=dict(data_file="cub-val.npz"),
+      quick=dict(n_tasks=2, use=20, n_memories=20, replay_batch_size=16,
+                 chunk_size=2, eval_batch_size=20))

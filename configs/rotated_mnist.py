@@ -23,7 +23,7 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 3 small tasks for a smoke run (seconds).
 """
 
-from bcl_jax.config import default_config
+from bcl_jax.config import apply_variants, default_config
 
 
 def get_config(variant: str = ""):
@@ -45,17 +45,8 @@ def get_config(variant: str = ""):
   c.batch_size = 10
   c.use = 1.0
   c.model = "auto"  # the MLP 784-128-128-128-10
-  for v in filter(None, variant.split(",")):
-    if v == "val":
-      c.n_tasks = 3
-      c.data_seed = 1
-    elif v == "quick":
-      c.n_tasks = 3
-      c.use = 200
-      c.n_memories = 50
-      c.replay_batch_size = 16
-      c.chunk_size = 10
-    else:
-      raise ValueError(f"unknown variant {v!r} of configs/rotated_mnist.py; "
-                       "use '', 'val', 'quick' or 'val,quick'")
-  return c
+  return apply_variants(
+      c, variant, "configs/rotated_mnist.py",
+      val=dict(n_tasks=3, data_seed=1),
+      quick=dict(n_tasks=3, use=200, n_memories=50, replay_batch_size=16,
+                 chunk_size=10))
