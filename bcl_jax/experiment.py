@@ -96,6 +96,12 @@ def run(config, workdir: str, config_name: str = "run", log=print,
       log(f"warning: {warning}")
     if resume is not None:
       resume_kw = _resume(config, workdir, resume, template, runs, bench, log)
+      done = _finished_results(workdir, resume_kw, bench)
+      if done is not None:
+        log(f"every task is already learned; the results in {workdir} "
+            "stand (pass another --workdir to start a new run)")
+        print(results_lib.summary_line(done), flush=True)
+        return done
     manager = checkpoint.Manager(workdir, keep=int(config.get("keep", 0)))
 
     def on_task_end(task, state, accuracy, init_accuracy):
@@ -139,6 +145,27 @@ def run(config, workdir: str, config_name: str = "run", log=print,
       f"{timing['compile_seconds']:.1f}s, {timing['ms_per_step']:.2f} ms/step, "
       f"{timing['samples_per_second']:.0f} samples/s; results in {workdir}")
   print(results_lib.summary_line(res), flush=True)
+  return res
+
+
+def _finished_results(workdir, resume_kw, bench):
+  """results.json of a run whose last task is checkpointed, if it is there.
+
+  Re-running a finished run must not overwrite its results (their timing in
+  particular) with those of an empty resume.
+  """
+  path = f"{workdir}/results.json"
+  if resume_kw.get("start_task") != bench.n_tasks:
+    return None
+  try:
+    with open(path) as f:
+      res = json.load(f)
+  except (OSError, ValueError):
+    return None
+  saved = np.asarray(res.get("runs", [{}])[0].get("accuracy_matrix", []))
+  ckpt = np.asarray(resume_kw["accuracy"])[0]
+  if saved.shape != ckpt.shape or not np.array_equal(saved, ckpt):
+    return None
   return res
 
 

@@ -269,3 +269,16 @@ def test_corrupt_checkpoint_is_named_and_an_earlier_one_resumes(
   assert "resuming after task 3/4" in p.stdout
   assert accuracy_matrix(wd) == accuracy_matrix(reference)
   assert any(n.startswith("checkpoints.superseded-") for n in os.listdir(wd))
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+  config, bench = tiny_config(), toy_benchmark()
+  wd = str(tmp_path / "run")
+  first = experiment.run(config, wd, log=lambda *a: None, bench=bench)
+  before = open(os.path.join(wd, "results.json")).read()
+  messages = []
+  again = experiment.run(config, wd, log=messages.append, bench=bench)
+  assert any("already learned" in m for m in messages)
+  assert open(os.path.join(wd, "results.json")).read() == before
+  assert again["timing"] == json.loads(before)["timing"]
+  assert again["accuracy_matrix"] == first["accuracy_matrix"]
