@@ -81,23 +81,15 @@ def task_order(n: int, use: float, batch_size: int, seed: int, task: int,
   keep = int(n * use) if use <= 1 else int(use)
   keep = max(1, min(keep, n))
   perm = np.random.default_rng([seed, task]).permutation(n)[:keep]
-  perm = np.tile(perm, n_epochs)
-  steps = math.ceil(len(perm) / batch_size)
-  index = np.zeros(steps * batch_size, np.int32)
-  valid = np.zeros(steps * batch_size, bool)
-  index[:len(perm)] = perm
-  valid[:len(perm)] = True
-  if n_epochs > 1:
-    # Each epoch is its own sequence of batches; the short last batch of an
-    # epoch is not merged with the next epoch's first.
-    per = math.ceil(keep / batch_size)
-    index = np.zeros((n_epochs * per, batch_size), np.int32)
-    valid = np.zeros((n_epochs * per, batch_size), bool)
-    flat_i, flat_v = index.reshape(n_epochs, -1), valid.reshape(n_epochs, -1)
-    flat_i[:, :keep] = perm[:keep]
-    flat_v[:, :keep] = True
-    return index, valid
-  return index.reshape(steps, batch_size), valid.reshape(steps, batch_size)
+  # Each epoch is its own sequence of batches over the same order; an
+  # epoch's short last batch is not merged with the next epoch's first.
+  per_epoch = math.ceil(keep / batch_size)
+  index = np.zeros((n_epochs, per_epoch * batch_size), np.int32)
+  valid = np.zeros((n_epochs, per_epoch * batch_size), bool)
+  index[:, :keep] = perm
+  valid[:, :keep] = True
+  shape = (n_epochs * per_epoch, batch_size)
+  return index.reshape(shape), valid.reshape(shape)
 
 
 def _stack_tests(bench: Benchmark, eval_bs: int):
