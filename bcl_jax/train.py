@@ -349,10 +349,7 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
   runs = expand_runs(config)
   prog = Program(config, bench, runs)
   n_runs, n_tasks, bsz = len(runs), bench.n_tasks, int(config.batch_size)
-  if state is None:
-    state = prog.init()
-  if state is not None:
-    state = prog.place_runs(state)
+  state = prog.init() if state is None else prog.place_runs(state)
   tests = prog.place_shared(_stack_tests(bench, prog.eval_bs))
   init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
