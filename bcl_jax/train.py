@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcl_jax import methods
-from bcl_jax import metrics as metrics_lib
 from bcl_jax.data.benchmark import Benchmark
 from bcl_jax.methods import base
 from bcl_jax.models import build_model
@@ -122,8 +121,7 @@ class Program:
     x0 = bench.tasks[0].x_train
     self.ctx = base.Context(model=model, class_mask=bench.class_mask,
                             input_shape=bench.input_shape,
-                            input_dtype=x0.dtype,
-                            batch_size=int(config.batch_size))
+                            input_dtype=x0.dtype)
     self.method = methods.make(config, self.ctx)
     self.model = model
     self.chunk = int(config.chunk_size)
@@ -432,11 +430,3 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
   return {"accuracy": accuracy, "init_accuracy": init_acc, "runs": runs,
           "timing": timing, "state": state, "program": prog}
 
-
-def summarize(accuracy: np.ndarray, init_acc=None) -> list[dict]:
-  """Metrics for each run of a ``[runs, T, T]`` accuracy array."""
-  out = []
-  for r in range(accuracy.shape[0]):
-    out.append(metrics_lib.all_metrics(
-        accuracy[r], None if init_acc is None else init_acc[r]))
-  return out

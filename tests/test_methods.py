@@ -33,7 +33,7 @@ def make_ctx(task_incremental=True):
     mask[:] = True
   model = build_model("mlp", (D,), O, hidden=(7, 5))
   return base.Context(model=model, class_mask=mask, input_shape=(D,),
-                      input_dtype=np.float32, batch_size=BATCH)
+                      input_dtype=np.float32)
 
 
 def make_config(**kw):
@@ -353,7 +353,7 @@ def test_bcl_dual_memories_slot_by_slot():
   mask = np.ones((2, 10), bool)
   ctx = base.Context(model=build_model("mlp", (1,), 10, hidden=(3,)),
                      class_mask=mask, input_shape=(1,),
-                     input_dtype=np.float32, batch_size=3)
+                     input_dtype=np.float32)
   c = make_config(method="bcl_dual", n_memories=5, replay_batch_size=4)
   method = methods.make(c, ctx)
   state = method.init(jax.random.PRNGKey(0))

@@ -47,7 +47,6 @@ class Context:
   class_mask: np.ndarray  # bool [n_tasks, n_outputs]
   input_shape: tuple[int, ...]
   input_dtype: Any
-  batch_size: int
 
   @property
   def n_tasks(self) -> int:
@@ -168,12 +167,11 @@ def adapt_variables(model: Model, variables, x, y, valid, lr, steps: int):
   ``steps`` full-batch SGD steps on the memory ``(x, y)`` with cross-entropy
   over all logits and absolute labels, the network in inference mode.
   """
-  all_cols = jnp.ones((variables_n_outputs(model, variables, x),), bool)
-
   def step(v, _):
     def loss(p):
       logits, _ = model.apply({"params": p,
                                "batch_stats": v["batch_stats"]}, x, False)
+      all_cols = jnp.ones(logits.shape[-1:], bool)
       return masked_ce(logits, y, all_cols, valid)
     g = jax.grad(loss)(v["params"])
     return {"params": sgd(v["params"], g, lr),
@@ -181,12 +179,6 @@ def adapt_variables(model: Model, variables, x, y, valid, lr, steps: int):
 
   variables, _ = jax.lax.scan(step, variables, None, length=steps)
   return variables
-
-
-def variables_n_outputs(model: Model, variables, x) -> int:
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, False)[0],
-                       variables, x)
-  return int(out.shape[-1])
 
 
 def adapted_per_task(model: Model, variables, memory, seen, lr, steps: int):
