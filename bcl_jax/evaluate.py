@@ -24,30 +24,15 @@ def evaluate(workdir: str, task: int | None = None, bench=None) -> dict:
   Returns:
     ``{"task", "row" [runs, T], "saved_row" [runs, T], "path", "runs"}``.
   """
-  import jax.numpy as jnp
-  from bcl_jax import checkpoint
-  from bcl_jax import train
-  from bcl_jax.data import load_benchmark
+  from bcl_jax import experiment
+  from bcl_jax.evaluation import Evaluator
 
-  steps = checkpoint.available(workdir)
-  if not steps:
-    raise checkpoint.CheckpointError(
-        f"no checkpoints in {checkpoint.directory(workdir)}")
-  task = steps[-1] if task is None or task < 0 else task
-  if task not in steps:
-    raise checkpoint.CheckpointError(
-        f"no checkpoint {checkpoint.directory(workdir)}/{task}; available: "
-        f"{steps}")
-  _, cfg = checkpoint.read_meta(workdir, task)
-  config = checkpoint.config_from_dict(cfg)
-  if bench is None:
-    bench = load_benchmark(config)
-  ck = checkpoint.load(workdir, task, bench=bench)
-  prog = train.Program(config, bench, train.expand_runs(config))
-  tests = tuple(jnp.asarray(a) for a in train._stack_tests(bench,
-                                                           prog.eval_bs))
-  row = prog.evaluate(ck.state, tests, task)
-  return {"task": task, "row": row, "saved_row": ck.accuracy[:, task],
+  ck = experiment.load(workdir, task, bench=bench)
+  setup = ck.setup
+  evaluator = Evaluator(setup.method, setup.bench, setup.axis,
+                        int(ck.config.eval_batch_size))
+  row = evaluator(setup.axis.place_runs(ck.state), ck.task)
+  return {"task": ck.task, "row": row, "saved_row": ck.accuracy[:, ck.task],
           "path": ck.path, "runs": ck.meta["runs"]}
 
 

@@ -1,62 +1,63 @@
 """One experiment end to end: config -> data -> training -> files.
 
 ``run`` is what ``python -m bcl_jax.run`` calls; it is importable so scripts
-and notebooks can drive experiments without the CLI.
+and notebooks can drive experiments without the CLI. ``load`` reads a
+checkpoint back for analysis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bcl_jax import checkpoint
 from bcl_jax import methods
+from bcl_jax import resume as resume_lib
 from bcl_jax import results as results_lib
+from bcl_jax import runs as runs_lib
 from bcl_jax import train
+from bcl_jax.config import config_from_dict, resolve
 from bcl_jax.data.errors import DataError
 
 USER_ERRORS = (DataError, train.TrainingError, results_lib.WorkdirError,
                checkpoint.CheckpointError, ValueError, FileNotFoundError)
 
 
-def validate_config(config) -> None:
-  """Rejects values that would fail later or silently mean nothing."""
+def validate_config(config):
+  """The resolved config, or one ``ValueError`` naming the bad field.
+
+  The loop's fields are checked here; the method's by its declaration.
+  """
   def need(cond, msg):
     if not cond:
       raise ValueError(f"config: {msg}")
   need(config.method in methods.names(),
        f"method {config.method!r} is not one of {methods.names()}")
+  try:
+    config = resolve(config)
+    methods.hparams_of(config)
+  except ValueError as e:
+    raise ValueError(f"config: {e}") from None
   need(config.batch_size >= 1, f"batch_size must be >= 1, got "
        f"{config.batch_size}")
-  need(config.lr > 0, f"lr must be > 0, got {config.lr}")
-  need(0 < config.beta <= 1 or config.method not in ("bcl_dual", "bcl_single"),
-       f"beta must be in (0, 1], got {config.beta}")
-  need(config.inner_steps >= 1, "inner_steps must be >= 1")
-  need(config.n_meta >= 1, "n_meta must be >= 1")
-  need(config.n_memories >= 1, "n_memories must be >= 1")
-  need(0 < config.n_val < 1, f"n_val is a fraction of n_memories in (0, 1), "
-       f"got {config.n_val}")
-  need(config.replay_batch_size >= 1, "replay_batch_size must be >= 1")
   need(config.use > 0, f"use must be > 0 (a fraction <= 1 or a count), got "
        f"{config.use}")
   need(config.n_epochs >= 1, "n_epochs must be >= 1")
   need(config.chunk_size >= 1, "chunk_size must be >= 1")
   need(config.eval_batch_size >= 1, "eval_batch_size must be >= 1")
-  need(config.temperature > 0, "temperature must be > 0")
   need(config.get("keep", 0) >= 0, "keep must be >= 0 (0 keeps every "
        "checkpoint)")
   need(config.get("resume_from", -1) >= -1, "resume_from must be a task "
        "index >= 0, or -1 for the last checkpoint")
-  if config.method == "bcl_dual":
-    need(config.batch_size >= 2, "bcl_dual takes one sample of each batch for "
-         "the generalisation memory; batch_size must be >= 2")
+  return config
 
 
-def load(config):
+def load_data(config):
   from bcl_jax.data import load_benchmark
   return load_benchmark(config)
 
@@ -71,50 +72,52 @@ def run(config, workdir: str, config_name: str = "run", log=print,
   ``config.resume_from``), refusing a config that differs in a field that
   changes results unless ``config.force_resume``.
   """
-  validate_config(config)
+  config = validate_config(config)
   results_lib.check_workdir(workdir)
-  use_ckpt = bool(config.get("checkpoint", True))
-  resume = checkpoint.plan_resume(workdir, config) if use_ckpt else None
+  use_ckpt = bool(config.checkpoint)
+  resume = resume_lib.plan_resume(workdir, config) if use_ckpt else None
   if not use_ckpt and checkpoint.available(workdir):
     log(f"checkpoint=False: ignoring the checkpoints in "
         f"{checkpoint.directory(workdir)}")
   t0 = time.perf_counter()
   if bench is None:
-    bench = load(config)
+    bench = load_data(config)
   log(f"benchmark {bench.name}: {bench.n_tasks} tasks, input "
       f"{bench.input_shape}, {bench.n_outputs} outputs, "
       f"{'task-incremental' if bench.task_incremental else 'single-head'}; "
       f"method {config.method}; workdir {workdir}")
-  runs = train.expand_runs(config)
+  setup = train.build(config, bench)
   resume_kw, manager, on_task_end = {}, None, None
   if use_ckpt:
-    template = jax.eval_shape(train.Program(config, bench, runs).init)
+    template = train.state_template(setup)
     warning = checkpoint.check_space(
         workdir, checkpoint.nbytes(template),
-        bench.n_tasks if not config.get("keep", 0) else int(config.keep))
+        bench.n_tasks if not config.keep else int(config.keep))
     if warning:
       log(f"warning: {warning}")
     if resume is not None:
-      resume_kw = _resume(config, workdir, resume, template, runs, bench, log)
-      done = _finished_results(workdir, resume_kw, bench)
+      resume_kw = _resume(setup, workdir, resume, template, log)
+      done = resume_lib.finished_results(workdir, resume_kw["accuracy"],
+                                         bench.n_tasks,
+                                         resume_kw["start_task"])
       if done is not None:
         log(f"every task is already learned; the results in {workdir} "
             "stand (pass another --workdir to start a new run)")
         print(results_lib.summary_line(done), flush=True)
         return done
-    manager = checkpoint.Manager(workdir, keep=int(config.get("keep", 0)))
+    manager = checkpoint.Manager(workdir, keep=int(config.keep))
 
     def on_task_end(task, state, accuracy, init_accuracy):
-      seconds = manager.save(task, state, config=config, accuracy=accuracy,
-                             init_accuracy=init_accuracy, runs=runs,
-                             extra={"benchmark": bench.name})
+      meta = resume_lib.task_meta(accuracy, init_accuracy, setup.runs,
+                                  benchmark=bench.name)
+      seconds = manager.save(task, state, meta=meta, config=config.to_dict())
       log(f"checkpoint {manager.path(task)} saved in {seconds:.2f}s")
 
   results_lib.atomic_write(f"{workdir}/config.json",
                            json.dumps(config.to_dict(), indent=2,
                                       sort_keys=True, default=str))
   try:
-    out = train.train_and_evaluate(config, bench, log=log,
+    out = train.train_and_evaluate(config, bench, setup=setup, log=log,
                                    on_task_end=on_task_end, **resume_kw)
   except train.TrainingError as e:
     raise train.TrainingError(f"{e}; {_last_checkpoint(workdir, use_ckpt)}") \
@@ -148,29 +151,9 @@ def run(config, workdir: str, config_name: str = "run", log=print,
   return res
 
 
-def _finished_results(workdir, resume_kw, bench):
-  """results.json of a run whose last task is checkpointed, if it is there.
-
-  Re-running a finished run must not overwrite its results (their timing in
-  particular) with those of an empty resume.
-  """
-  path = f"{workdir}/results.json"
-  if resume_kw.get("start_task") != bench.n_tasks:
-    return None
-  try:
-    with open(path) as f:
-      res = json.load(f)
-  except (OSError, ValueError):
-    return None
-  saved = np.asarray(res.get("runs", [{}])[0].get("accuracy_matrix", []))
-  ckpt = np.asarray(resume_kw["accuracy"])[0]
-  if saved.shape != ckpt.shape or not np.array_equal(saved, ckpt):
-    return None
-  return res
-
-
-def _resume(config, workdir, resume, template, runs, bench, log) -> dict:
+def _resume(setup, workdir, resume, template, log) -> dict:
   """Restores ``resume``'s checkpoint: the train_and_evaluate arguments."""
+  bench, config = setup.bench, setup.config
   if resume.meta.get("n_tasks") != bench.n_tasks:
     raise checkpoint.CheckpointError(
         f"checkpoint {workdir}/checkpoints/{resume.task} is of a run with "
@@ -178,16 +161,15 @@ def _resume(config, workdir, resume, template, runs, bench, log) -> dict:
         f"{bench.n_tasks}")
   state = checkpoint.restore_state(workdir, resume.task, template,
                                    resume.meta)
-  accuracy, init_accuracy = checkpoint.accuracy_of(resume.meta)
-  diff = checkpoint.config_diff(resume.config, config)
+  accuracy, init_accuracy = resume_lib.accuracy_of(resume.meta)
+  diff = resume_lib.config_diff(resume.config, config)
   if diff:
     log("warning: force_resume: continuing although "
         + ", ".join(k for k, _, _ in diff) + " differ from the checkpoint")
     # Hyper-parameters live in the state: the new config's values apply.
-    state = state._replace(hp={
-        k: jnp.asarray([r.hp[k] for r in runs], jnp.float32)
-        for k in state.hp})
-  moved = checkpoint.set_aside(workdir, resume.later)
+    state = state._replace(hp=runs_lib.stacked_hp(setup.runs,
+                                                  setup.spec.dynamic))
+  moved = resume_lib.set_aside(workdir, resume.later)
   if moved:
     log(f"resume_from={resume.task}: moved the later checkpoints "
         f"{resume.later} to {moved}")
@@ -204,3 +186,67 @@ def _last_checkpoint(workdir: str, enabled: bool) -> str:
   return (f"the last good checkpoint is {checkpoint.directory(workdir)}/"
           f"{steps[-1]} (after task {steps[-1] + 1}); run the same command "
           "to resume from it")
+
+
+# -- analysis -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class Checkpoint:
+  """What :func:`load` returns.
+
+  Attributes:
+    task: 0-based index of the last task trained before the save.
+    state: the method state (its NamedTuple, leading run axis); with
+      ``structured=False`` the nested dict of arrays as stored.
+    config: the run's config (``ml_collections.ConfigDict``).
+    accuracy: ``[runs, task + 1, T]``, the accuracy matrix rows so far.
+    init_accuracy: ``[runs, T]`` accuracies of the untrained model, or None.
+    meta: the JSON metadata as saved.
+    path: the checkpoint's folder.
+    setup: the rebuilt method and runs (``structured=True`` only), e.g. to
+      evaluate the state with ``bcl_jax.evaluation.Evaluator``.
+  """
+
+  task: int
+  state: Any
+  config: Any
+  accuracy: np.ndarray
+  init_accuracy: np.ndarray | None
+  meta: dict
+  path: str
+  setup: Any = None
+
+
+def load(workdir: str, task: int | None = None, *, bench=None,
+         structured: bool = True) -> Checkpoint:
+  """Loads a checkpoint for analysis.
+
+  Args:
+    workdir: the run's workdir.
+    task: 0-based index of the task after which the checkpoint was saved
+      (None: the last one).
+    bench: the run's benchmark, to shape the state; loaded from the saved
+      config if None (not needed with ``structured=False``).
+    structured: return the method's NamedTuple state; False returns the
+      nested dict of arrays as stored (no benchmark needed).
+  """
+  steps = checkpoint.available(workdir)
+  if not steps:
+    raise checkpoint.CheckpointError(
+        f"no checkpoints in {checkpoint.directory(workdir)}")
+  task = steps[-1] if task is None or task < 0 else int(task)
+  path = os.path.join(checkpoint.directory(workdir), str(task))
+  if task not in steps:
+    raise checkpoint.CheckpointError(f"no checkpoint {path}; available: "
+                                     f"{steps}")
+  meta, cfg = checkpoint.read_meta(workdir, task)
+  config = resolve(config_from_dict(cfg))
+  setup = template = None
+  if structured:
+    setup = train.build(config, bench if bench is not None
+                        else load_data(config))
+    template = train.state_template(setup)
+  state = checkpoint.restore_state(workdir, task, template, meta)
+  acc, init = resume_lib.accuracy_of(meta)
+  return Checkpoint(task=task, state=state, config=config, accuracy=acc,
+                    init_accuracy=init, meta=meta, path=path, setup=setup)

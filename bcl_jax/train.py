@@ -1,18 +1,21 @@
-"""The continual loop: tasks in order, one compiled scan per chunk of a task.
+"""The continual loop: phases in order, one compiled scan per chunk.
 
-Per task: ``begin_task``, then the task's single pass as one jitted
-``lax.scan`` over batches, run in chunks of ``chunk_size`` steps so a progress
-bar can advance; the last chunk and the short last batch are padded and
-masked, so every chunk of every task runs the same executable. Then every
-task's test set is evaluated, giving one row of the accuracy matrix.
+A run's data arrives in *phases*, one per row of the accuracy matrix. The
+method's schedule decides what a phase trains on:
 
-Runs (seeds, and hyper-parameter settings of a sweep) are a leading axis of
-the method state: the step is ``vmap``ped over it, so ``num_seeds`` runs are
-one program. The task's data is placed on the device once and shared by all
-runs; only the batch indices differ per run.
+* ``sequential`` (every method but the offline bound): phase ``t`` is task
+  ``t``'s single pass (``n_epochs`` passes).
+* ``joint`` (the offline upper bound): phases ``0..T-2`` train nothing (their
+  rows are the untrained model's accuracies) and phase ``T-1`` trains on
+  every task's data together, shuffled across tasks.
+
+Per phase: ``begin_task``; the pass as chunks of one jitted ``lax.scan`` over
+batches (``chunk_size`` steps, so a progress bar can advance; the last chunk
+and a short last batch are padded and masked, so every chunk of every task
+runs the same executable); ``end_task``; evaluation of every task's test set.
 
 Randomness: run ``r`` has root key ``PRNGKey(seed_r)``; initialisation uses
-``fold_in(root, 0)``; task ``t`` uses ``fold_in(fold_in(root, 1), t)`` split
+``fold_in(root, 0)``; phase ``t`` uses ``fold_in(fold_in(root, 1), t)`` split
 into one key per step; the data order of task ``t`` is
 ``numpy.random.default_rng([seed_r, t])``. Resuming at a task boundary
 therefore needs no stored keys.
@@ -23,19 +26,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bcl_jax import methods
+from bcl_jax.config import resolve
 from bcl_jax.data.benchmark import Benchmark
-from bcl_jax.methods import base
+from bcl_jax.evaluation import TRACE_COUNTS, Evaluator
+from bcl_jax.methods import api
 from bcl_jax.models import build_model
+from bcl_jax.runs import Run, RunAxis, expand_runs, stacked_hp
 
-# Incremented each time the chunk step is traced (tests check for retraces).
-TRACE_COUNTS = {"chunk": 0, "evaluate": 0}
+TRACE_COUNTS["chunk"] = 0  # chunk traces (tests check for retraces)
 
 
 class TrainingError(RuntimeError):
@@ -43,27 +47,72 @@ class TrainingError(RuntimeError):
 
 
 @dataclasses.dataclass
-class Run:
-  """One run of a program: a seed and its hyper-parameter values."""
+class Setup:
+  """Everything one experiment builds once: method, runs, devices."""
 
-  seed: int
-  hp: dict[str, float]
+  config: object          # the resolved config
+  bench: Benchmark
+  spec: api.MethodSpec
+  ctx: api.Context
+  method: api.Method
+  axis: RunAxis
+
+  @property
+  def runs(self) -> list[Run]:
+    return self.axis.runs
 
 
-def expand_runs(config) -> list[Run]:
-  """The runs of a config: ``num_seeds`` seeds (x the sweep grid, if any)."""
-  from bcl_jax import sweep  # local: sweep imports config helpers only
-  grid = sweep.parse(config.sweep) if config.sweep else [{}]
-  n = int(config.num_seeds)
-  if n < 1:
-    raise ValueError(f"num_seeds must be >= 1, got {n}")
-  runs = []
-  for point in grid:
-    hp = {k: float(config[k]) for k in base.HP_FIELDS}
-    hp.update(point)
-    for s in range(n):
-      runs.append(Run(seed=int(config.seed) + s, hp=hp))
-  return runs
+def build(config, bench: Benchmark) -> Setup:
+  """Resolves ``config`` and builds the model, the method and the run axis."""
+  config = resolve(config)
+  spec = methods.get(config.method)
+  hp = methods.hparams_of(config)
+  model = build_model(config.model, bench.input_shape, bench.n_outputs,
+                      tuple(config.hidden), pretrained=config.pretrained)
+  ctx = api.Context(model=model, class_mask=bench.class_mask,
+                    input_shape=bench.input_shape,
+                    input_dtype=bench.tasks[0].x_train.dtype)
+  axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching)
+  return Setup(config, bench, spec, ctx, spec.make(hp, ctx), axis)
+
+
+def init_state(setup: Setup):
+  """The run-batched initial state (hyper-parameters per run), placed."""
+  axis = setup.axis
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.seed), 0)
+                    for r in axis.runs])
+  state = jax.jit(axis.over_runs(setup.method.init))(keys)
+  return axis.place_runs(state._replace(
+      hp=stacked_hp(axis.runs, setup.spec.dynamic)))
+
+
+def state_template(setup: Setup):
+  """The initial state's shapes and dtypes (restore target), no compute."""
+  return jax.eval_shape(lambda: init_state(setup))
+
+
+# -- data order ------------------------------------------------------------
+
+def _kept(n: int, use: float, seed: int, task: int) -> np.ndarray:
+  keep = int(n * use) if use <= 1 else int(use)
+  keep = max(1, min(keep, n))
+  return np.random.default_rng([seed, task]).permutation(n)[:keep]
+
+
+def _batches(order: np.ndarray, batch_size: int):
+  """``[epochs, keep]`` sample order -> batch index and mask arrays.
+
+  Each epoch is its own sequence of batches; an epoch's short last batch is
+  not merged with the next epoch's first.
+  """
+  n_epochs, keep = order.shape
+  per_epoch = math.ceil(keep / batch_size)
+  index = np.zeros((n_epochs, per_epoch * batch_size), np.int32)
+  valid = np.zeros((n_epochs, per_epoch * batch_size), bool)
+  index[:, :keep] = order
+  valid[:, :keep] = True
+  shape = (n_epochs * per_epoch, batch_size)
+  return index.reshape(shape), valid.reshape(shape)
 
 
 def task_order(n: int, use: float, batch_size: int, seed: int, task: int,
@@ -72,248 +121,147 @@ def task_order(n: int, use: float, batch_size: int, seed: int, task: int,
 
   ``use`` keeps ``int(n * use)`` samples if ``use <= 1`` else ``int(use)``,
   chosen by a uniform permutation; they are cut into consecutive batches in
-  that order, the last one possibly short.
+  that order, the last one possibly short; every epoch repeats the order.
 
   Returns:
     ``(index [steps, batch_size] int32, valid [steps, batch_size] bool)``.
   """
-  keep = int(n * use) if use <= 1 else int(use)
-  keep = max(1, min(keep, n))
-  perm = np.random.default_rng([seed, task]).permutation(n)[:keep]
-  # Each epoch is its own sequence of batches over the same order; an
-  # epoch's short last batch is not merged with the next epoch's first.
-  per_epoch = math.ceil(keep / batch_size)
-  index = np.zeros((n_epochs, per_epoch * batch_size), np.int32)
-  valid = np.zeros((n_epochs, per_epoch * batch_size), bool)
-  index[:, :keep] = perm
-  valid[:, :keep] = True
-  shape = (n_epochs * per_epoch, batch_size)
-  return index.reshape(shape), valid.reshape(shape)
+  perm = _kept(n, use, seed, task)
+  return _batches(np.tile(perm, (n_epochs, 1)), batch_size)
 
 
-def _stack_tests(bench: Benchmark, eval_bs: int):
-  """All test sets as ``[T, N_max]`` arrays padded to a multiple of eval_bs."""
-  n_max = max(t.x_test.shape[0] for t in bench.tasks)
-  n_pad = max(1, math.ceil(n_max / eval_bs)) * eval_bs
-  shape = bench.tasks[0].x_test.shape[1:]
-  dtype = bench.tasks[0].x_test.dtype
-  x = np.zeros((bench.n_tasks, n_pad) + shape, dtype)
-  y = np.zeros((bench.n_tasks, n_pad), np.int32)
-  valid = np.zeros((bench.n_tasks, n_pad), bool)
-  for i, t in enumerate(bench.tasks):
-    n = t.x_test.shape[0]
-    x[i, :n], y[i, :n], valid[i, :n] = t.x_test, t.y_test, True
-  return x, y, valid
+def joint_order(sizes, use: float, batch_size: int, seed: int,
+                n_epochs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Batch indices into the concatenation of every task's training data.
 
-
-class Program:
-  """The compiled pieces of one experiment: chunk step, evaluation, init.
-
-  Everything takes and returns run-batched states (leading axis = run).
+  Each task keeps the samples its sequential pass would (``use``); the
+  union is shuffled anew every epoch (``default_rng([seed, T, epoch])``).
   """
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  kept = np.concatenate([off + _kept(n, use, seed, t)
+                         for t, (n, off) in enumerate(zip(sizes, offsets))])
+  order = np.stack([np.random.default_rng([seed, len(sizes), e])
+                    .permutation(kept) for e in range(n_epochs)])
+  return _batches(order, batch_size)
 
-  def __init__(self, config, bench: Benchmark, runs: list[Run]):
-    self.config = config
-    self.bench = bench
-    self.runs = runs
-    model = build_model(config.model, bench.input_shape, bench.n_outputs,
-                        tuple(config.hidden), pretrained=config.pretrained)
-    x0 = bench.tasks[0].x_train
-    self.ctx = base.Context(model=model, class_mask=bench.class_mask,
-                            input_shape=bench.input_shape,
-                            input_dtype=x0.dtype)
-    self.method = methods.make(config, self.ctx)
-    self.model = model
-    self.chunk = int(config.chunk_size)
-    self.eval_bs = int(config.eval_batch_size)
-    self._compiled: dict[str, Any] = {}
-    self.compile_seconds = 0.0
-    self._setup_sharding()
-    mode = config.get("run_batching", "auto")
-    if mode not in ("auto", "vmap", "map"):
-      raise ValueError(f"run_batching must be 'auto', 'vmap' or 'map', got "
-                       f"{mode!r}")
-    if mode == "auto":
-      mode = "map" if (jax.default_backend() == "cpu"
-                       and self.n_shards == 1) else "vmap"
-    self.run_batching = mode
 
-  # -- runs and devices -----------------------------------------------------
-  def _setup_sharding(self):
-    """Shards the run axis over the devices (all of them if they divide it).
+# -- phases ----------------------------------------------------------------
 
-    With one device (or one run) nothing is sharded. Otherwise the mesh has
-    the largest number of devices that divides the number of runs; the
-    per-task data and test sets are replicated, so each device holds its own
-    runs' states and one copy of the data.
-    """
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    devices = jax.devices()
-    n = len(self.runs)
-    k = max(d for d in range(1, len(devices) + 1) if n % d == 0)
-    self.n_shards = k
-    if k == 1:
-      self.run_sharding = self.replicated = None
-      return
-    mesh = Mesh(np.array(devices[:k]), ("runs",))
-    self.run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
-    self.replicated = NamedSharding(mesh, PartitionSpec())
+@dataclasses.dataclass
+class Phase:
+  """What the loop does before accuracy row ``row`` is measured."""
 
-  def place_runs(self, tree):
-    """Puts run-batched arrays on the devices, split along the run axis."""
-    if self.run_sharding is None:
-      return jax.tree_util.tree_map(jnp.asarray, tree)
-    return jax.device_put(tree, self.run_sharding)
+  row: int
+  data: api.TaskData | None   # numpy arrays; None: nothing to train
+  order: list                 # per run: (index, valid), or [] (no training)
 
-  def place_shared(self, tree):
-    """Puts arrays every run reads (task data) on the devices once."""
-    if self.replicated is None:
-      return jax.tree_util.tree_map(jnp.asarray, tree)
-    return jax.device_put(tree, self.replicated)
 
-  def over_runs(self, f, in_axes=0):
-    """``f`` applied to every run (leading axis) of its ``in_axes == 0``
-    arguments.
+def _task_data(x, y, tasks, n_rows: int) -> api.TaskData:
+  """Training arrays padded to ``n_rows`` (one executable for all tasks)."""
+  n = x.shape[0]
+  valid = np.zeros(n_rows, bool)
+  valid[:n] = True
+  if n < n_rows:
+    x = np.concatenate([x, np.zeros((n_rows - n,) + x.shape[1:], x.dtype)])
+    y = np.concatenate([y, np.zeros(n_rows - n, y.dtype)])
+    tasks = np.concatenate([tasks, np.zeros(n_rows - n, tasks.dtype)])
+  return api.TaskData(x=x, y=y, valid=valid, tasks=tasks)
 
-    One run: ``f`` itself on the squeezed arguments (the same maths, without
-    batched kernels). Several: ``vmap`` (``run_batching = "vmap"``, the
-    default on accelerators and whenever the runs are sharded), or a
-    sequential ``lax.map`` inside the compiled step (``"map"``, the default
-    on a single CPU device, where batched matmuls of small per-run weights
-    run slower than the runs one after the other).
-    """
-    axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else None
 
-    def split(args):
-      ax = axes or (in_axes,) * len(args)
-      return ax, [x for x, a in zip(args, ax) if a == 0]
+def phase(setup: Setup, t: int) -> Phase:
+  """Phase ``t`` of ``setup``'s schedule."""
+  c, tasks = setup.config, setup.bench.tasks
+  bsz, use, epochs = int(c.batch_size), float(c.use), int(c.n_epochs)
+  if setup.spec.schedule == "sequential":
+    task = tasks[t]
+    n_rows = max(k.x_train.shape[0] for k in tasks)
+    data = _task_data(task.x_train, task.y_train,
+                      np.full(task.x_train.shape[0], t, np.int32), n_rows)
+    return Phase(t, data, [task_order(task.x_train.shape[0], use, bsz,
+                                      r.seed, t, epochs) for r in setup.runs])
+  if t < len(tasks) - 1:
+    return Phase(t, None, [])
+  data = api.TaskData(
+      x=np.concatenate([k.x_train for k in tasks]),
+      y=np.concatenate([k.y_train for k in tasks]),
+      valid=np.ones(sum(k.x_train.shape[0] for k in tasks), bool),
+      tasks=np.concatenate([np.full(k.x_train.shape[0], i, np.int32)
+                            for i, k in enumerate(tasks)]))
+  sizes = [k.x_train.shape[0] for k in tasks]
+  return Phase(t, data, [joint_order(sizes, use, bsz, r.seed, epochs)
+                         for r in setup.runs])
 
-    def merge(args, ax, batched):
-      it = iter(batched)
-      return [next(it) if a == 0 else x for x, a in zip(args, ax)]
 
-    if len(self.runs) == 1:
-      def single(*args):
-        ax, batched = split(args)
-        batched = [jax.tree_util.tree_map(lambda a: a[0], b) for b in batched]
-        return jax.tree_util.tree_map(lambda a: a[None],
-                                      f(*merge(args, ax, batched)))
-      return single
-    if self.run_batching == "map":
-      def mapped(*args):
-        ax, batched = split(args)
-        return jax.lax.map(lambda b: f(*merge(args, ax, b)), tuple(batched))
-      return mapped
-    return jax.vmap(f, in_axes=in_axes)
+# -- compiled pieces -------------------------------------------------------
 
-  # -- initial state --------------------------------------------------------
-  def init(self):
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.seed), 0)
-                      for r in self.runs])
-    state = jax.jit(self.over_runs(self.method.init))(keys)
-    hp = {k: jnp.asarray([r.hp[k] for r in self.runs], jnp.float32)
-          for k in base.HP_FIELDS}
-    return self.place_runs(state._replace(hp=hp))
+def _chunk_fn(setup: Setup, state, data, index, valid, keys, task):
+  """``chunk_size`` observe steps of every run (leading run axis)."""
+  TRACE_COUNTS["chunk"] += 1
+  observe, axis = setup.method.observe, setup.axis
 
-  # -- compiled functions ---------------------------------------------------
-  def _compile(self, name: str, fn: Callable, *args, donate=()):
-    if name not in self._compiled:
-      start = time.perf_counter()
-      kw = {}
-      if self.run_sharding is not None:
-        # Every output (states, losses, accuracies) has the run axis first;
-        # pinning it keeps the state's layout the same from call to call.
-        kw["out_shardings"] = self.run_sharding
-      self._compiled[name] = jax.jit(fn, donate_argnums=donate, **kw).lower(
-          *args).compile()
-      self.compile_seconds += time.perf_counter() - start
-    return self._compiled[name]
+  def one_run(s, idx, v, k):
+    batch = api.Batch(x=data.x[idx], y=data.y[idx], valid=v, task=task,
+                      tasks=data.tasks[idx])
+    new, m = observe(s, batch, k)
+    return new, m["loss"]
 
-  def _chunk_fn(self, state, x_all, y_all, index, valid, keys, task):
-    TRACE_COUNTS["chunk"] += 1
-    observe = self.method.observe
+  n_runs = index.shape[0]
 
-    def one_run(s, idx, v, k):
-      batch = base.Batch(x=x_all[idx], y=y_all[idx], valid=v, task=task)
-      new, m = observe(s, batch, k)
-      return new, m["loss"]
+  def skip_padding(step, s, idx, v, k, zeros):
+    # Padding steps (after a task's last batch) are the same for every run,
+    # so one un-batched predicate skips them: a real branch, which leaves
+    # the state (memories included) untouched instead of selecting
+    # between two copies of it.
+    return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k),
+                        lambda s: (s, zeros), s)
 
-    n_runs = index.shape[0]
+  if n_runs == 1 or axis.batching == "map":
+    # Each run scans its own chunk; runs (if several) one after another.
+    def run_scan(s, index, valid, keys):
+      def body(s, inp):
+        return skip_padding(one_run, s, *inp, jnp.zeros((), jnp.float32))
+      return jax.lax.scan(body, s, (index, valid, keys))
+    return axis.over_runs(run_scan)(state, index, valid, keys)
 
-    def skip_padding(step, s, idx, v, k, zeros):
-      # Padding steps (after a task's last batch) are the same for every run,
-      # so one un-batched predicate skips them: a real branch, which leaves
-      # the state (memories included) untouched instead of selecting
-      # between two copies of it.
-      return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k),
-                          lambda s: (s, zeros), s)
+  # vmap: scan over time, all runs batched inside each step.
+  step = axis.over_runs(one_run)
 
-    if n_runs == 1 or self.run_batching == "map":
-      # Each run scans its own chunk; runs (if several) one after another.
-      def run_scan(s, index, valid, keys):
-        def body(s, inp):
-          return skip_padding(one_run, s, *inp, jnp.zeros((), jnp.float32))
-        return jax.lax.scan(body, s, (index, valid, keys))
-      return self.over_runs(run_scan)(state, index, valid, keys)
+  def body(s, inp):
+    return skip_padding(step, s, *inp, jnp.zeros((n_runs,), jnp.float32))
 
-    # vmap: scan over time, all runs batched inside each step.
-    step = self.over_runs(one_run)
+  state, losses = jax.lax.scan(
+      body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
+                    jnp.swapaxes(keys, 0, 1)))
+  return state, jnp.swapaxes(losses, 0, 1)
 
-    def body(s, inp):
-      return skip_padding(step, s, *inp, jnp.zeros((n_runs,), jnp.float32))
 
-    state, losses = jax.lax.scan(
-        body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
-                      jnp.swapaxes(keys, 0, 1)))
-    return state, jnp.swapaxes(losses, 0, 1)
+def chunk_executable(setup: Setup, state, data, index, valid, keys):
+  """The compiled chunk step for these shapes (compiled on first use;
+  ``state`` is donated): ``f(state, data, index, valid, keys, task)``."""
+  return setup.axis.compile(
+      "chunk", lambda *a: _chunk_fn(setup, *a), state, data, index, valid,
+      keys, jnp.zeros((), jnp.int32), donate=(0,))
 
-  def _begin_fn(self, state, task):
-    return self.over_runs(self.method.begin_task, (0, None))(state, task)
 
-  def _eval_fn(self, state, x, y, valid, seen):
-    TRACE_COUNTS["evaluate"] += 1
-    model, class_mask = self.model, jnp.asarray(self.bench.class_mask)
-    n_chunks = x.shape[1] // self.eval_bs
+def run_chunk(setup: Setup, state, data, index, valid, keys, task: int):
+  """One compiled chunk of observe steps; returns ``(state, losses)``."""
+  fn = chunk_executable(setup, state, data, index, valid, keys)
+  return fn(state, data, index, valid, keys, jnp.asarray(task, jnp.int32))
 
-    def one_run(s):
-      variables, per_task = self.method.eval_variables(s, seen)
 
-      def one_task(j):
-        v = jax.tree_util.tree_map(lambda a: a[j], variables) if per_task \
-            else variables
-        xs = x[j].reshape((n_chunks, self.eval_bs) + x.shape[2:])
+def run_hook(setup: Setup, name: str, state, task: int, data):
+  """``begin_task`` / ``end_task`` of every run (``state`` is donated)."""
+  hook = getattr(setup.method, name)
+  if hook is api.no_hook:
+    return state
+  t = jnp.asarray(task, jnp.int32)
+  fn = setup.axis.compile(
+      name, lambda s, t, d: setup.axis.over_runs(hook, (0, None, None))(
+          s, t, d), state, t, data, donate=(0,))
+  return fn(state, t, data)
 
-        def logits_of(xb):
-          return model.apply(v, xb, False)[0]
-        logits = jax.lax.map(logits_of, xs).reshape(
-            (x.shape[1], class_mask.shape[1]))
-        pred = jnp.argmax(jnp.where(class_mask[j], logits, -jnp.inf), -1)
-        correct = jnp.sum((pred == y[j]) & valid[j])
-        return correct / jnp.maximum(jnp.sum(valid[j]), 1)
 
-      return jax.lax.map(one_task, jnp.arange(x.shape[0]))
-
-    return self.over_runs(one_run)(state)
-
-  def begin_task(self, state, task: int):
-    t = jnp.asarray(task, jnp.int32)
-    return self._compile("begin", self._begin_fn, state, t, donate=(0,))(
-        state, t)
-
-  def compile_chunk(self, state, x_all, y_all, index, valid, keys):
-    return self._compile("chunk", self._chunk_fn, state, x_all, y_all, index,
-                         valid, keys, jnp.zeros((), jnp.int32), donate=(0,))
-
-  def run_chunk(self, state, x_all, y_all, index, valid, keys, task: int):
-    fn = self.compile_chunk(state, x_all, y_all, index, valid, keys)
-    return fn(state, x_all, y_all, index, valid, keys,
-              jnp.asarray(task, jnp.int32))
-
-  def evaluate(self, state, tests, seen: int) -> np.ndarray:
-    s = jnp.asarray(seen, jnp.int32)
-    fn = self._compile("eval", self._eval_fn, state, *tests, s)
-    return np.asarray(fn(state, *tests, s))
-
+# -- the loop --------------------------------------------------------------
 
 def _progress(total: int, desc: str, enabled: bool):
   if not enabled:
@@ -323,88 +271,99 @@ def _progress(total: int, desc: str, enabled: bool):
               dynamic_ncols=True)
 
 
-def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
-                       state=None, start_task: int = 0,
+def _train_phase(setup: Setup, state, ph: Phase, data, log_prefix: str,
+                 progress: bool):
+  """The chunks of one phase; returns ``(state, seconds, steps, samples)``."""
+  axis, runs = setup.axis, setup.runs
+  chunk = int(setup.config.chunk_size)
+  index = np.stack([o[0] for o in ph.order])
+  valid = np.stack([o[1] for o in ph.order])
+  # Every run sees the same number of batches (only their order differs),
+  # which the chunk step relies on to skip padding for all runs at once.
+  assert (valid == valid[:1]).all()
+  n_steps = index.shape[1]
+  n_chunks = math.ceil(n_steps / chunk)
+  pad = n_chunks * chunk - n_steps
+  index = np.pad(index, ((0, 0), (0, pad), (0, 0)))
+  valid = np.pad(valid, ((0, 0), (0, pad), (0, 0)))
+  keys = jnp.stack([
+      jax.random.split(jax.random.fold_in(jax.random.fold_in(
+          jax.random.PRNGKey(r.seed), 1), ph.row), n_steps + pad)
+      for r in runs])
+  bar = _progress(n_steps, log_prefix, progress)
+  seconds = 0.0
+  try:
+    for c in range(n_chunks):
+      sl = slice(c * chunk, (c + 1) * chunk)
+      args = axis.place_runs((index[:, sl], valid[:, sl], keys[:, sl]))
+      chunk_executable(setup, state, data, *args)  # compiles, untimed
+      start = time.perf_counter()
+      state, losses = run_chunk(setup, state, data, *args, ph.row)
+      losses = np.asarray(losses)  # blocks until the chunk is done
+      seconds += time.perf_counter() - start
+      bad = valid[:, sl].any(-1) & ~np.isfinite(losses)
+      if bad.any():
+        r, k = map(int, np.argwhere(bad)[0])
+        raise TrainingError(
+            f"non-finite loss ({losses[r, k]}) at task {ph.row}, step "
+            f"{c * chunk + k} (run {r}, seed {runs[r].seed}); try a "
+            f"smaller lr (now {runs[r].hp.get('lr')})")
+      if bar is not None:
+        bar.update(min(chunk, n_steps - c * chunk))
+  finally:
+    if bar is not None:
+      bar.close()
+  return state, seconds, n_steps, int(valid.sum())
+
+
+def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
+                       on_task_end=None, state=None, start_task: int = 0,
                        accuracy=None, init_accuracy=None, log=print) -> dict:
-  """Learns the tasks of ``bench`` in order and evaluates after each.
+  """Learns the benchmark phase by phase and evaluates after each.
 
   Args:
     config: the experiment config (see ``bcl_jax.config``).
     bench: the benchmark.
+    setup: ``build(config, bench)``, if the caller has it already.
     on_task_end: optional ``f(task, state, accuracy, init_accuracy)`` called
-      after each task's evaluation, with ``accuracy`` the ``[runs, task+1,
+      after each phase's evaluation, with ``accuracy`` the ``[runs, task+1,
       T]`` rows so far (checkpointing hooks in here).
     state: a run-batched state to continue from (resume), with
-      ``start_task`` the first task still to learn, ``accuracy`` the
+      ``start_task`` the first phase still to run, ``accuracy`` the
       ``[runs, start_task, T]`` rows already computed and ``init_accuracy``
       the untrained model's ``[runs, T]`` accuracies (or None).
     log: where one-line progress messages go.
 
   Returns:
     A dict with ``accuracy`` (``[runs, T, T]``), ``init_accuracy``
-    (``[runs, T]`` or None), ``runs``, ``timing`` and the final ``state``.
+    (``[runs, T]`` or None), ``runs``, ``timing``, the final ``state`` and
+    the ``setup``.
   """
-  runs = expand_runs(config)
-  prog = Program(config, bench, runs)
-  n_runs, n_tasks, bsz = len(runs), bench.n_tasks, int(config.batch_size)
-  state = prog.init() if state is None else prog.place_runs(state)
-  tests = prog.place_shared(_stack_tests(bench, prog.eval_bs))
+  setup = setup or build(config, bench)
+  config, axis = setup.config, setup.axis
+  n_runs, n_tasks = len(axis), bench.n_tasks
+  state = init_state(setup) if state is None else axis.place_runs(state)
+  evaluate = Evaluator(setup.method, bench, axis, int(config.eval_batch_size))
   init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
-    init_acc = prog.evaluate(state, tests, -1)
-  # rows[k] is [runs, T]: the evaluation after task k.
+    init_acc = evaluate(state, -1)
+  # rows[k] is [runs, T]: the evaluation after phase k.
   rows = [] if accuracy is None else list(np.moveaxis(np.asarray(accuracy),
                                                       1, 0))
   per_task, train_seconds, total_steps, total_samples = [], 0.0, 0, 0
   for t in range(start_task, n_tasks):
-    task = bench.tasks[t]
     t_start = time.perf_counter()
-    order = [task_order(task.x_train.shape[0], float(config.use), bsz,
-                        r.seed, t, int(config.n_epochs)) for r in runs]
-    index = np.stack([o[0] for o in order])
-    valid = np.stack([o[1] for o in order])
-    # Every run sees the same number of batches (only their order differs),
-    # which the chunk step relies on to skip padding for all runs at once.
-    assert (valid == valid[:1]).all()
-    n_steps = index.shape[1]
-    n_chunks = math.ceil(n_steps / prog.chunk)
-    pad = n_chunks * prog.chunk - n_steps
-    index = np.pad(index, ((0, 0), (0, pad), (0, 0)))
-    valid = np.pad(valid, ((0, 0), (0, pad), (0, 0)))
-    keys = jnp.stack([
-        jax.random.split(jax.random.fold_in(jax.random.fold_in(
-            jax.random.PRNGKey(r.seed), 1), t), n_steps + pad)
-        for r in runs])
-    x_all, y_all = prog.place_shared((task.x_train, task.y_train))
-    state = prog.begin_task(state, t)
-    bar = _progress(n_steps, f"task {t + 1}/{n_tasks}", config.progress)
-    task_train = 0.0
-    for c in range(n_chunks):
-      sl = slice(c * prog.chunk, (c + 1) * prog.chunk)
-      args = (x_all, y_all, *prog.place_runs(
-          (index[:, sl], valid[:, sl], keys[:, sl])))
-      prog.compile_chunk(state, *args)  # no-op after the first chunk
-      start = time.perf_counter()
-      state, losses = prog.run_chunk(state, *args, t)
-      losses = np.asarray(losses)  # blocks until the chunk is done
-      task_train += time.perf_counter() - start
-      chunk_valid = valid[:, sl].any(-1)
-      bad = chunk_valid & ~np.isfinite(losses)
-      if bad.any():
-        r, k = map(int, np.argwhere(bad)[0])
-        if bar is not None:
-          bar.close()
-        raise TrainingError(
-            f"non-finite loss ({losses[r, k]}) at task {t}, step "
-            f"{c * prog.chunk + k} (run {r}, seed {runs[r].seed}); try a "
-            f"smaller lr (now {runs[r].hp['lr']})")
-      if bar is not None:
-        bar.update(min(prog.chunk, n_steps - c * prog.chunk))
-    if bar is not None:
-      bar.close()
-    row = prog.evaluate(state, tests, t)
+    ph = phase(setup, t)
+    task_train, n_steps, samples = 0.0, 0, 0
+    if ph.data is not None:
+      data = axis.place_shared(ph.data)
+      state = run_hook(setup, "begin_task", state, t, data)
+      state, task_train, n_steps, samples = _train_phase(
+          setup, state, ph, data, f"task {t + 1}/{n_tasks}",
+          bool(config.progress))
+      state = run_hook(setup, "end_task", state, t, data)
+    row = evaluate(state, t)
     rows.append(row)
-    samples = int(valid.sum())
     train_seconds += task_train
     total_steps += n_steps * n_runs
     total_samples += samples
@@ -420,13 +379,13 @@ def train_and_evaluate(config, bench: Benchmark, *, on_task_end=None,
   accuracy = np.stack(rows, 1)  # [runs, T, T]
   timing = {
       "train_seconds": train_seconds,
-      "compile_seconds": prog.compile_seconds,
+      "compile_seconds": axis.compile_seconds,
       # Wall time of one (run-batched) observe step.
       "ms_per_step": 1000 * train_seconds / max(total_steps // n_runs, 1),
       "samples_per_second": total_samples / max(train_seconds, 1e-9),
       "steps": total_steps,
       "per_task": per_task,
   }
-  return {"accuracy": accuracy, "init_accuracy": init_acc, "runs": runs,
-          "timing": timing, "state": state, "program": prog}
-
+  return {"accuracy": accuracy, "init_accuracy": init_acc,
+          "runs": list(axis.runs), "timing": timing, "state": state,
+          "setup": setup}

@@ -1,4 +1,4 @@
-"""Split CIFAR-100 (BCL) with the paper's BCL-Dual hyper-parameters.
+"""Split CIFAR-100 (BCL) with the paper's BCL-Dual hyper-parameters (``presets``).
 
 Spec sections 10-11: 100 classes shuffled with a seeded permutation into 20
 tasks of 5; the first 3 tasks form ``cifar-val`` (cross-validation), the other
@@ -29,21 +29,12 @@ def get_config(variant: str = ""):
   c.data_path = "data/"
   c.data_file = "cifar-cl.npz"
   c.n_tasks = 0  # every task of the file
-  c.method = "bcl_dual"
-  c.lr = 0.3
-  c.beta = 0.1
-  c.inner_steps = 2
-  c.n_meta = 1
-  c.n_memories = 65
-  c.memory_strength = 100.0
-  c.temperature = 5.0
-  c.replay_batch_size = 128
-  c.batch_size = 10
-  c.use = 1.0
+  # The paper's BCL-Dual values (the other methods' defaults apply as is).
+  c.presets.bcl_dual = dict(lr=0.3, beta=0.1, inner_steps=2, n_meta=1, n_memories=65)
   c.model = "auto"  # -> resnet18_reduced for flat 3072 inputs
   c.eval_batch_size = 500  # a CIFAR task's test set
   return apply_variants(
       c, variant, "configs/cifar.py",
       val=dict(data_file="cifar-val.npz"),
-      quick=dict(n_tasks=2, use=50, n_memories=20, replay_batch_size=16,
-                 chunk_size=5, eval_batch_size=100))
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=100,
+                 presets={"all": dict(n_memories=20, replay_batch_size=16)}))

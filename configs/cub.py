@@ -1,4 +1,4 @@
-"""Split CUB-200-2011 with the paper's BCL-Dual hyper-parameters.
+"""Split CUB-200-2011 with the paper's BCL-Dual hyper-parameters (``presets``).
 
 200 bird classes shuffled into 20 tasks of 10; the first 3 form ``cub-val``,
 the other 17 ``cub-cl`` (task-incremental heads). Images 224x224, full
@@ -37,17 +37,8 @@ def get_config(variant: str = ""):
   c.data_path = "data/"
   c.data_file = "cub-cl.npz"
   c.n_tasks = 0
-  c.method = "bcl_dual"
-  c.lr = 0.03
-  c.beta = 0.3
-  c.inner_steps = 1
-  c.n_meta = 2
-  c.n_memories = 50
-  c.memory_strength = 100.0
-  c.temperature = 5.0
-  c.replay_batch_size = 128
-  c.batch_size = 10
-  c.use = 1.0
+  # The paper's BCL-Dual values (the other methods' defaults apply as is).
+  c.presets.bcl_dual = dict(n_memories=50)
   c.model = "resnet18"
   c.pretrained = ""  # path to a converted torchvision .npz, see above
   c.eval_batch_size = 50  # 224x224 activations: keep evaluation chunks small
@@ -55,5 +46,5 @@ def get_config(variant: str = ""):
   return apply_variants(
       c, variant, "configs/cub.py",
       val=dict(data_file="cub-val.npz"),
-      quick=dict(n_tasks=2, use=20, n_memories=20, replay_batch_size=16,
-                 chunk_size=2, eval_batch_size=20))
+      quick=dict(n_tasks=2, use=20, chunk_size=2, eval_batch_size=20,
+                 presets={"all": dict(n_memories=20, replay_batch_size=16)}))

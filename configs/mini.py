@@ -1,4 +1,4 @@
-"""Split miniImageNet with the paper's BCL-Dual hyper-parameters.
+"""Split miniImageNet with the paper's BCL-Dual hyper-parameters (``presets``).
 
 100 classes shuffled into 20 tasks of 5; the first 3 form ``mini-val``, the
 other 17 ``mini-cl`` (task-incremental heads). 84x84 images, reduced
@@ -28,22 +28,13 @@ def get_config(variant: str = ""):
   c.data_path = "data/"
   c.data_file = "mini-cl.npz"
   c.n_tasks = 0
-  c.method = "bcl_dual"
-  c.lr = 0.05
-  c.beta = 0.1
-  c.inner_steps = 2
-  c.n_meta = 1
-  c.n_memories = 65
-  c.memory_strength = 100.0
-  c.temperature = 5.0
-  c.replay_batch_size = 128
-  c.batch_size = 10
-  c.use = 1.0
+  # The paper's BCL-Dual values (the other methods' defaults apply as is).
+  c.presets.bcl_dual = dict(lr=0.05, beta=0.1, inner_steps=2, n_meta=1, n_memories=65)
   c.model = "auto"  # -> resnet18_reduced for 3x84x84 inputs
   c.eval_batch_size = 100
   c.chunk_size = 50
   return apply_variants(
       c, variant, "configs/mini.py",
       val=dict(data_file="mini-val.npz"),
-      quick=dict(n_tasks=2, use=50, n_memories=20, replay_batch_size=16,
-                 chunk_size=5, eval_batch_size=50))
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=50,
+                 presets={"all": dict(n_memories=20, replay_batch_size=16)}))

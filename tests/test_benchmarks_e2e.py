@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from bcl_jax import experiment, train
+from bcl_jax.config import load_config_file, resolve
 from bcl_jax.data import load_benchmark, npz, torch_pickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,11 +41,9 @@ def _script(name: str):
 
 
 def _config(benchmark: str, variant: str = "quick", **overrides):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{benchmark}", os.path.join(REPO, "configs", f"{benchmark}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(variant)
+  """A benchmark config, resolved (the method's fields filled in)."""
+  c = load_config_file(os.path.join(REPO, "configs", f"{benchmark}.py")
+                       + (f":{variant}" if variant else ""))
   c.progress = False
   c.heatmap = False
   c.checkpoint = False
@@ -52,7 +51,7 @@ def _config(benchmark: str, variant: str = "quick", **overrides):
     overrides = {"use": 20, "eval_batch_size": 10, **overrides}
   for k, v in overrides.items():
     c[k] = v
-  return c
+  return resolve(c)
 
 
 def _prepare(*argv: str) -> None:
@@ -172,12 +171,13 @@ def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
     np.testing.assert_array_equal(bench.head_columns(t),
                                   range(5 * t, 5 * t + 5))
   out = train.train_and_evaluate(config, bench, log=lambda *_: None)
-  prog = out["program"]
-  assert prog.model.name == "resnet18_reduced"
+  setup = out["setup"]
+  model = setup.ctx.model
+  assert model.name == "resnet18_reduced"
   acc = out["accuracy"]
   assert acc.shape == (1, 2, 2) and np.all(np.isfinite(acc))
 
-  start = prog.init()
+  start = train.init_state(setup)
   for path_, before, after in zip(
       jax.tree_util.tree_leaves_with_path(start.variables["batch_stats"]),
       jax.tree_util.tree_leaves(start.variables["batch_stats"]),
@@ -188,13 +188,13 @@ def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
   # a sample's logits do not depend on the rest of its batch.
   variables = jax.tree_util.tree_map(lambda a: a[0], out["state"].variables)
   x = jnp.asarray(bench.tasks[1].x_test)
-  logits, after_eval = prog.model.apply(variables, x, False)
+  logits, after_eval = model.apply(variables, x, False)
   for a, b in zip(jax.tree_util.tree_leaves(after_eval),
                   jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
-  alone, _ = prog.model.apply(variables, x[:3], False)
+  alone, _ = model.apply(variables, x[:3], False)
   np.testing.assert_allclose(alone, logits[:3], rtol=1e-4, atol=1e-4)
-  train_logits, _ = prog.model.apply(variables, x[:3], True)
+  train_logits, _ = model.apply(variables, x[:3], True)
   assert not np.allclose(train_logits, alone, atol=1e-3)
 
 
@@ -297,18 +297,16 @@ def test_run_sh_skips_missing_data(tmp_path):
   assert "ACC" in proc.stdout
 
 
-def test_cross_validate_grid(tmp_path):
+def test_grid_val_cross_validation(tmp_path):
+  from bcl_jax import grid
   out = tmp_path / "best.txt"
-  cv = _script("cross_validate")
-  rc = cv.main(["--config", "configs/rotated_mnist.py:quick",
-                "--grid", "lr=0.03,0.1;inner_steps=1,2", "--set", "use=40",
-                "--set", "n_tasks=2", "--workdir", str(tmp_path / "cv"),
-                "--out", str(out)])
+  rc = grid.main(["--config", "configs/rotated_mnist.py:quick", "--val",
+                  "--grid", "lr=0.03,0.1;inner_steps=1,2", "--set", "use=40",
+                  "--set", "n_tasks=2", "--workdir", str(tmp_path / "cv"),
+                  "--out", str(out)])
   assert rc == 0
   line = out.read_text().strip()
-  assert line.startswith("--config.inner_steps=") or "--config.lr=" in line
-  summary = json.loads((tmp_path / "cv" / "cross_validation.json")
-                       .read_text())
+  summary = json.loads((tmp_path / "cv" / "grid.json").read_text())
   assert summary["config"].endswith("rotated_mnist.py:val,quick")
   assert len(summary["rows"]) == 4
   best = summary["rows"][summary["best"]]

@@ -17,8 +17,10 @@ import pytest
 
 from bcl_jax import checkpoint
 from bcl_jax import experiment
+from bcl_jax import resume
+from bcl_jax import runs as runs_lib
 from bcl_jax import train
-from test_train import tiny_config, toy_benchmark
+from helpers import tiny_config, toy_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
@@ -86,12 +88,13 @@ def toy_state(seed):
 
 def test_whole_state_save_restore_equality(tmp_path):
   config = tiny_config()
-  runs = [train.Run(seed=0, hp={"lr": 0.1}), train.Run(seed=1, hp={"lr": .2})]
+  runs = [runs_lib.Run(seed=0, hp={"lr": 0.1}),
+          runs_lib.Run(seed=1, hp={"lr": .2})]
   m = checkpoint.Manager(str(tmp_path))
   acc = np.asarray(np.random.default_rng(0).random((2, 2, 3)), np.float32)
   for t in range(2):
-    m.save(t, toy_state(t), config=config, accuracy=acc[:, :t + 1],
-           init_accuracy=None, runs=runs)
+    m.save(t, toy_state(t), meta=resume.task_meta(acc[:, :t + 1], None, runs),
+           config=config.to_dict())
   m.close()
   assert checkpoint.available(str(tmp_path)) == [0, 1]
   for t in range(2):
@@ -104,7 +107,7 @@ def test_whole_state_save_restore_equality(tmp_path):
                     jax.tree_util.tree_leaves(got)):
       assert a.dtype == b.dtype and a.shape == b.shape
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    got_acc, init = checkpoint.accuracy_of(meta)
+    got_acc, init = resume.accuracy_of(meta)
     assert got_acc.dtype == np.float32 and init is None
     np.testing.assert_array_equal(got_acc, acc[:, :t + 1])
     assert cfg["lr"] == config.lr and meta["runs"][1]["seed"] == 1
@@ -118,21 +121,22 @@ def test_training_checkpoints_hold_each_tasks_state(tmp_path):
 
   def on_task_end(t, state, accuracy, init_accuracy):
     seen[t] = jax.tree_util.tree_map(np.array, state)
-    m.save(t, state, config=config, accuracy=accuracy,
-           init_accuracy=init_accuracy, runs=train.expand_runs(config))
+    m.save(t, state, meta=resume.task_meta(accuracy, init_accuracy,
+                                           runs_lib.runs_of(config)),
+           config=config.to_dict())
 
   out = train.train_and_evaluate(config, bench, on_task_end=on_task_end,
                                  log=lambda *a: None)
   m.close()
   for t in range(bench.n_tasks):
-    ck = checkpoint.load(wd, task=t, bench=bench)
+    ck = experiment.load(wd, task=t, bench=bench)
     assert type(ck.state) is type(out["state"]) and ck.task == t
     for a, b in zip(jax.tree_util.tree_leaves(seen[t]),
                     jax.tree_util.tree_leaves(ck.state)):
       np.testing.assert_array_equal(a, np.asarray(b))
     np.testing.assert_array_equal(ck.accuracy, out["accuracy"][:, :t + 1])
     np.testing.assert_array_equal(ck.init_accuracy, out["init_accuracy"])
-  assert checkpoint.load(wd, bench=bench).task == bench.n_tasks - 1
+  assert experiment.load(wd, bench=bench).task == bench.n_tasks - 1
 
 
 def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
@@ -143,7 +147,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
                      r"checkpoint is .*checkpoints/0 \(after task 1\)"):
     experiment.run(tiny_config(), wd, log=lambda *a: None, bench=bench)
   assert checkpoint.available(wd) == [0]
-  assert checkpoint.load(wd, bench=bench).accuracy.shape == (1, 1, 3)
+  assert experiment.load(wd, bench=bench).accuracy.shape == (1, 1, 3)
 
 
 def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path):
@@ -226,7 +230,7 @@ def test_plain_orbax_restores_the_arrays(reference):
     return isinstance(t, (jax.Array, np.ndarray))
   assert only_dicts_and_arrays(tree)
   assert set(tree) == {"variables", "hp", "memory", "gen", "soft"}
-  ck = checkpoint.load(reference, task=3)
+  ck = experiment.load(reference, task=3)
   assert ck.config.method == "bcl_dual" and ck.config.n_tasks == 4
   want = checkpoint.state_to_tree(ck.state)
   assert jax.tree_util.tree_structure(tree) == \

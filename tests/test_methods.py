@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from bcl_jax import methods
-from bcl_jax.config import default_config
-from bcl_jax.methods import base
+from bcl_jax.config import default_config, resolve
+from bcl_jax.methods import api
 from bcl_jax.models import build_model
 
 import np_reference as ref
+from helpers import batch as make_batch
 
 T, O, D = 3, 6, 8
 BATCH = 5
@@ -32,22 +33,20 @@ def make_ctx(task_incremental=True):
   else:
     mask[:] = True
   model = build_model("mlp", (D,), O, hidden=(7, 5))
-  return base.Context(model=model, class_mask=mask, input_shape=(D,),
-                      input_dtype=np.float32)
+  return api.Context(model=model, class_mask=mask, input_shape=(D,),
+                     input_dtype=np.float32)
 
 
 def make_config(**kw):
+  """A resolved config; shared values apply to the methods declaring them."""
   c = default_config()
-  c.n_memories = 10     # bcl_dual: 8 episodic + 2 generalisation slots
-  c.replay_batch_size = 5
-  c.lr = 0.1
-  c.beta = 0.3
-  c.memory_strength = 2.0
-  c.temperature = 3.0
-  c.adapt_lr = 0.05
+  c.presets.all = dict(
+      n_memories=10,     # bcl_dual: 8 episodic + 2 generalisation slots
+      replay_batch_size=5, lr=0.1, beta=0.3, memory_strength=2.0,
+      temperature=3.0, adapt_lr=0.05)
   for k, v in kw.items():
     c[k] = v
-  return c
+  return resolve(c)
 
 
 def stream(ctx, n_batches=4, seed=0):
@@ -101,13 +100,11 @@ def run_sequence(method, c, ctx, np_step, np_begin, np_state, check):
   observe = jax.jit(method.observe)
   begin = jax.jit(method.begin_task)
   for t, batches in enumerate(stream(ctx)):
-    state = begin(state, jnp.int32(t))
+    state = begin(state, jnp.int32(t), None)
     np_begin(np_state, t)
     for b, (x, y, valid) in enumerate(batches):
       k = jax.random.fold_in(key, 100 * t + b)
-      batch = base.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid),
-                         jnp.int32(t))
-      state, m = observe(state, batch, k)
+      state, m = observe(state, make_batch(x, y, valid, t), k)
       assert np.isfinite(float(m["loss"]))
       np_step(np_state, x[valid], y[valid], t, k)
       check(state, np_state, f"task {t} batch {b}")
@@ -222,9 +219,7 @@ def test_adaptation_matches_loop():
       x=jnp.asarray(mx), y=jnp.asarray(my),
       filled=jnp.ones(state.memory.filled.shape, bool)))
   seen = 1
-  variables, per_task = jax.jit(method.eval_variables, static_argnums=())(
-      state, jnp.int32(seen))
-  assert per_task is True or per_task  # a static Python bool
+  variables = jax.jit(method.prepare_eval)(state, jnp.int32(seen))
   P0 = ref.from_flax(jax.device_get(state.variables["params"]))
   for t in range(T):
     expect = ref.adapt(P0, mx[t], my[t], c.adapt_lr, c.inner_steps) \
@@ -276,9 +271,8 @@ def test_unrolled_hypergradient_matches_finite_differences():
                                filled=jnp.asarray(gen.filled)),
         soft=f64(soft))
     theta0 = ref.from_flax(jax.device_get(state.variables["params"]))
-    batch = base.Batch(f64(x), jnp.asarray(y), jnp.asarray(valid),
-                       jnp.int32(t))
-    new, _ = jax.jit(method.observe)(state, batch, key)
+    new, _ = jax.jit(method.observe)(state, make_batch(f64(x), y, valid, t),
+                                     key)
     new_p = ref.from_flax(jax.device_get(new.variables["params"]))
   xs, ys = ref.bcl_dual_memories(mem, gen, x[valid], y[valid], t, cfg)
   keys = jax.random.split(jax.random.split(key, 1)[0], c.inner_steps + 1)
@@ -318,8 +312,7 @@ def test_unrolled_observe_differs_from_first_order_and_is_finite():
     method = methods.make(c, ctx)
     state = method.init(jax.random.PRNGKey(0))
     x, y, valid = stream(ctx)[0][0]
-    batch = base.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid),
-                       jnp.int32(0))
+    batch = make_batch(x, y, valid, 0)
     for b in range(3):
       state, m = jax.jit(method.observe)(state, batch,
                                          jax.random.PRNGKey(b))
@@ -332,7 +325,9 @@ def test_unknown_method_and_adapt_without_memory():
   ctx = make_ctx()
   with pytest.raises(ValueError, match="unknown method 'nope'"):
     methods.make(make_config(method="nope"), ctx)
-  with pytest.raises(ValueError, match="needs an episodic memory"):
+  # ``adapt`` needs an episodic memory: single does not declare it.
+  with pytest.raises(ValueError, match="adapt is not a hyper-parameter of "
+                     "method 'single'"):
     methods.make(make_config(method="single", adapt=True), ctx)
   with pytest.raises(ValueError, match="meta_gradient"):
     methods.make(make_config(method="bcl_dual", meta_gradient="exact"), ctx)
@@ -351,9 +346,9 @@ def test_bcl_dual_memories_slot_by_slot():
   M[1] = [8,9,8,8], ptr 2. Task 0's rows are untouched.
   """
   mask = np.ones((2, 10), bool)
-  ctx = base.Context(model=build_model("mlp", (1,), 10, hidden=(3,)),
-                     class_mask=mask, input_shape=(1,),
-                     input_dtype=np.float32)
+  ctx = api.Context(model=build_model("mlp", (1,), 10, hidden=(3,)),
+                    class_mask=mask, input_shape=(1,),
+                    input_dtype=np.float32)
   c = make_config(method="bcl_dual", n_memories=5, replay_batch_size=4)
   method = methods.make(c, ctx)
   state = method.init(jax.random.PRNGKey(0))
@@ -361,8 +356,7 @@ def test_bcl_dual_memories_slot_by_slot():
 
   def feed(state, t, ids):
     x = jnp.asarray(ids, jnp.float32)[:, None]
-    batch = base.Batch(x, jnp.asarray(ids, jnp.int32), jnp.ones(3, bool),
-                       jnp.int32(t))
+    batch = make_batch(x, jnp.asarray(ids, jnp.int32), jnp.ones(3, bool), t)
     return observe(state, batch, jax.random.PRNGKey(sum(ids)))[0]
 
   def rows(buf):
@@ -372,7 +366,7 @@ def test_bcl_dual_memories_slot_by_slot():
     return [[v if f else None for v, f in zip(r, fr)]
             for r, fr in zip(y, np.asarray(buf.filled).tolist())]
 
-  state = begin(state, jnp.int32(0))
+  state = begin(state, jnp.int32(0), None)
   state = feed(state, 0, [1, 2, 3])
   assert rows(state.gen) == [[1], [None]]
   assert rows(state.memory) == [[2, 3, 2, 2], [None] * 4]
@@ -381,7 +375,7 @@ def test_bcl_dual_memories_slot_by_slot():
   assert rows(state.gen) == [[4], [None]]
   assert rows(state.memory) == [[2, 3, 5, 6], [None] * 4]
   assert int(state.memory.ptr) == 0
-  state = begin(state, jnp.int32(1))
+  state = begin(state, jnp.int32(1), None)
   state = feed(state, 1, [7, 8, 9])
   assert rows(state.gen) == [[4], [7]]
   assert rows(state.memory) == [[2, 3, 5, 6], [8, 9, 8, 8]]

@@ -297,10 +297,10 @@ def test_reduced_model_mask_matches_unpadded_batch(reduced):
 
 
 def test_apply_many_all_padding_batch_keeps_stats(reduced):
-  from bcl_jax.methods import base
+  from bcl_jax.methods import steps
   model, variables, _ = reduced
   x = jax.random.uniform(jax.random.key(9), (4, 3072))
-  (_, _), new = base.apply_many(model, variables, [x, x], True,
+  (_, _), new = steps.apply_many(model, variables, [x, x], True,
                                 masks=[jnp.ones(4, bool), jnp.zeros(4, bool)])
   _, once = model.apply(variables, x, True, jnp.ones(4, bool))
   for a, b in zip(jax.tree_util.tree_leaves(new["batch_stats"]),
@@ -480,8 +480,8 @@ def test_convert_script_without_torch(tmp_path):
   assert script.main(["convert"]) == 2  # usage, before any torch import
 
 
-def test_pretrained_through_program_init(tmp_path):
-  """``train.Program.init`` builds the state under jit(vmap(init)): the
+def test_pretrained_through_init_state(tmp_path):
+  """``train.init_state`` builds the state under jit(vmap(init)): the
   loader sees tracers and must only use their shapes."""
   from bcl_jax import train
   from bcl_jax.config import default_config
@@ -501,8 +501,7 @@ def test_pretrained_through_program_init(tmp_path):
   config = default_config()
   config.model, config.pretrained, config.num_seeds = "resnet18", path, 2
   config.n_memories = 10
-  prog = train.Program(config, bench, train.expand_runs(config))
-  state = prog.init()
+  state = train.init_state(train.build(config, bench))
   v = state.variables
   index = {k: i for i, k in enumerate(sorted(shapes))}
   for run in range(2):

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from bcl_jax import sweep
+from bcl_jax import runs as runs_lib
 from bcl_jax import train
 
-from test_train import tiny_config, toy_benchmark
+from helpers import tiny_config, toy_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,9 +67,12 @@ def test_sweep_grid_entries_equal_separate_runs():
 
 def test_sweep_times_seeds_order():
   c = tiny_config(sweep="lr=0.1,0.2", num_seeds=2, seed=3)
-  runs = train.expand_runs(c)
+  runs = runs_lib.runs_of(c)
   assert [(r.hp["lr"], r.seed) for r in runs] == [
       (0.1, 3), (0.1, 4), (0.2, 3), (0.2, 4)]
+
+
+DYNAMIC = ("lr", "beta", "memory_strength", "temperature", "adapt_lr")
 
 
 @pytest.mark.parametrize("spec,msg", [
@@ -82,12 +85,20 @@ def test_sweep_times_seeds_order():
     ("lr=0.1;lr=0.2", "given twice"),
 ])
 def test_sweep_parser_rejects(spec, msg):
+  fields = tuple(tiny_config().keys())
   with pytest.raises(ValueError, match=msg):
-    sweep.parse(spec)
+    runs_lib.parse_sweep(spec, DYNAMIC, "bcl_dual", fields)
+
+
+def test_sweep_names_the_methods_own_vmappable_fields():
+  with pytest.raises(ValueError, match="beta.* cannot be vmapped.*"
+                     "vmappable fields of er: lr, adapt_lr"):
+    runs_lib.runs_of(tiny_config(method="er", sweep="beta=0.1,0.2"))
 
 
 def test_sweep_parser_grid():
-  assert sweep.parse("lr=0.1,0.3; temperature=2") == [
+  assert runs_lib.parse_sweep("lr=0.1,0.3; temperature=2",
+                              ("lr", "temperature")) == [
       {"lr": 0.1, "temperature": 2.0}, {"lr": 0.3, "temperature": 2.0}]
 
 
@@ -95,7 +106,7 @@ SHARDED = r"""
 import json, sys
 sys.path.insert(0, "tests")
 import jax
-from test_train import tiny_config, toy_benchmark
+from helpers import tiny_config, toy_benchmark
 from bcl_jax import train
 out = train.train_and_evaluate(tiny_config(method="bcl_dual", num_seeds=4),
                                toy_benchmark(), log=lambda *_: None)
@@ -125,20 +136,31 @@ def test_sharded_equals_unsharded_on_four_cpu_devices():
                              atol=1e-6)
 
 
-def test_sweep_script_one_program_per_shape(tmp_path, capsys):
-  sys.path.insert(0, os.path.join(ROOT, "scripts"))
-  import sweep as sweep_script
-  rows = sweep_script.main([
+def test_grid_tool_one_program_per_shape(tmp_path, capsys):
+  from bcl_jax import grid
+  rc = grid.main([
       "--config", os.path.join(ROOT, "configs/mnist.py:quick"),
-      "--grid", "n_memories=20,30", "--vmap", "lr=0.03,0.1", "--seeds", "2",
+      "--grid", "n_memories=20,30;lr=0.03,0.1", "--seeds", "2",
       "--set", "n_tasks=2", "--set", "use=40", "--workdir", str(tmp_path)])
+  assert rc == 0
+  saved = json.loads((tmp_path / "grid.json").read_text())
+  rows = saved["rows"]
   assert [(r["setting"]["n_memories"], r["setting"]["lr"]) for r in rows] == [
       (20, 0.03), (20, 0.1), (30, 0.03), (30, 0.1)]
+  assert [r["program"] for r in rows] == [0, 0, 1, 1]  # lr vmapped
   assert all(r["n"] == 2 for r in rows)
+  # Each row is the mean of its two seeds' runs in the program's results.
+  res = json.loads((tmp_path / "0" / "results.json").read_text())
+  accs = [r["metrics"]["acc"] for r in res["runs"] if r["hp"]["lr"] == 0.1]
+  assert rows[1]["acc"] == pytest.approx(np.mean(accs))
+  assert rows[1]["acc_std"] == pytest.approx(np.std(accs, ddof=1))
+  best = max(range(4), key=lambda i: rows[i]["acc"])
+  assert saved["best"] == best
   out = capsys.readouterr().out
-  assert "ACC" in out and "±" in out
-  saved = json.loads((tmp_path / "sweep.json").read_text())
-  assert saved == rows
-  with pytest.raises(SystemExit, match="changes array shapes"):
-    sweep_script.main(["--config", os.path.join(ROOT, "configs/mnist.py"),
-                       "--vmap", "n_memories=1,2"])
+  assert "ACC" in out and "±" in out and "<- best" in out
+  assert (tmp_path / "best.txt").read_text().strip() == saved["override"]
+  assert saved["override"].startswith(
+      f"--config.n_memories={rows[best]['setting']['n_memories']} ")
+  assert grid.main(["--config", os.path.join(ROOT, "configs/mnist.py"),
+                    "--grid", "lrr=1,2"]) == 2
+  assert "unknown config field 'lrr'" in capsys.readouterr().err

@@ -5,40 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bcl_jax import evaluation
 from bcl_jax import train
-from bcl_jax.config import default_config
 from bcl_jax.data.benchmark import Task, make_benchmark
-from bcl_jax.methods import base
 
-
-def toy_benchmark(n_tasks=3, n_train=47, n_test=23, seed=0):
-  """Linearly separable tasks so that learning is visible."""
-  rng = np.random.default_rng(seed)
-  tasks = []
-  for t in range(n_tasks):
-    w = rng.normal(size=(12, 4))
-    def make(n):
-      x = rng.random((n, 12)).astype(np.float32)
-      return x, np.argmax(x @ w, 1)
-    xtr, ytr = make(n_train)
-    xte, yte = make(n_test)
-    tasks.append(Task(xtr, ytr, xte, yte, descriptor=t))
-  return make_benchmark("toy", tasks, task_incremental=False)
-
-
-def tiny_config(**kw):
-  c = default_config()
-  c.hidden = (16,)
-  c.n_memories = 20
-  c.replay_batch_size = 8
-  c.batch_size = 5
-  c.chunk_size = 4
-  c.progress = False
-  c.heatmap = False
-  c.lr = 0.1
-  for k, v in kw.items():
-    c[k] = v
-  return c
+from helpers import batch as make_batch, tiny_config, toy_benchmark
 
 
 def test_task_order_use_and_short_last_batch():
@@ -62,13 +33,12 @@ def test_task_order_use_and_short_last_batch():
 def test_chunked_scan_equals_a_python_loop(method):
   """Program's chunks (scan + vmap + padding) = observe called step by step."""
   bench = toy_benchmark()
-  c = tiny_config(method=method)
-  run = train.expand_runs(c)[0]
-  prog = train.Program(c, bench, [run])
-  state = prog.init()
+  setup = train.build(tiny_config(method=method), bench)
+  run = setup.runs[0]
+  state = train.init_state(setup)
   loop_state = jax.tree_util.tree_map(lambda a: a[0], state)
-  observe = jax.jit(prog.method.observe)
-  begin = jax.jit(prog.method.begin_task)
+  observe = jax.jit(setup.method.observe)
+  begin = jax.jit(setup.method.begin_task)
   for t in range(2):
     task = bench.tasks[t]
     index, valid = train.task_order(task.x_train.shape[0], 1.0, 5, run.seed, t)
@@ -78,17 +48,17 @@ def test_chunked_scan_equals_a_python_loop(method):
     idx_p = np.pad(index, ((0, pad), (0, 0)))[None]
     val_p = np.pad(valid, ((0, pad), (0, 0)))[None]
     x_all, y_all = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
-    state = prog.begin_task(state, t)
+    data = train.phase(setup, t).data
+    state = train.run_hook(setup, "begin_task", state, t, data)
     for c0 in range(0, 12, 4):
-      state, _ = prog.run_chunk(state, x_all, y_all,
-                                jnp.asarray(idx_p[:, c0:c0 + 4]),
-                                jnp.asarray(val_p[:, c0:c0 + 4]),
-                                keys[None, c0:c0 + 4], t)
-    loop_state = begin(loop_state, jnp.int32(t))
+      state, _ = train.run_chunk(setup, state, data,
+                                 jnp.asarray(idx_p[:, c0:c0 + 4]),
+                                 jnp.asarray(val_p[:, c0:c0 + 4]),
+                                 keys[None, c0:c0 + 4], t)
+    loop_state = begin(loop_state, jnp.int32(t), data)
     for s in range(n):
-      batch = base.Batch(x_all[index[s]], y_all[index[s]],
-                         jnp.asarray(valid[s]), jnp.int32(t))
-      loop_state, _ = observe(loop_state, batch, keys[s])
+      loop_state, _ = observe(loop_state, make_batch(
+          x_all[index[s]], y_all[index[s]], valid[s], t), keys[s])
   flat_a = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda a: np.asarray(a)[0], state))
   flat_b = jax.tree_util.tree_leaves(loop_state)
@@ -142,8 +112,7 @@ def test_task_incremental_evaluation_masks_other_columns():
   assert bench.class_mask.tolist() == [[True, False, False, False],
                                        [False, False, True, False]]
   # One column per task: every prediction is right whatever the weights.
-  prog = train.Program(tiny_config(method="single"), bench,
-                       train.expand_runs(tiny_config()))
-  state = prog.init()
-  tests = tuple(jnp.asarray(a) for a in train._stack_tests(bench, 1000))
-  np.testing.assert_array_equal(prog.evaluate(state, tests, 0), [[1.0, 1.0]])
+  setup = train.build(tiny_config(method="single"), bench)
+  evaluate = evaluation.Evaluator(setup.method, bench, setup.axis, 1000)
+  np.testing.assert_array_equal(evaluate(train.init_state(setup), 0),
+                                [[1.0, 1.0]])

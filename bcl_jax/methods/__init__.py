@@ -1,10 +1,18 @@
-"""Continual-learning methods, one module each, found by name."""
+"""Continual-learning methods: one module each, found by name.
+
+Adding a method is one file (a module with ``SPEC``, see
+:mod:`bcl_jax.methods.api`) plus one line in :data:`_REGISTRY`. Everything
+else (config fields, sweeps, validation, the loop, checkpoints, benchmarks)
+reads the declaration.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
-from bcl_jax.methods.base import Batch, Context, Method
+from bcl_jax.methods.api import (Batch, Context, HParam, HParams, Method,
+                                 MethodSpec, TaskData)
 
 _REGISTRY = {
     "single": "bcl_jax.methods.single",
@@ -13,23 +21,51 @@ _REGISTRY = {
     "bcl_single": "bcl_jax.methods.bcl_single",
 }
 
-# Methods that keep an episodic memory and so support test-time adaptation.
-ADAPTABLE = ("er", "bcl_dual", "bcl_single")
-
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def make(config, ctx: Context) -> Method:
-  """Builds the method ``config.method`` for the benchmark in ``ctx``."""
-  name = config.method
+@functools.lru_cache(maxsize=None)
+def get(name: str) -> MethodSpec:
+  """The declaration of method ``name``.
+
+  Raises:
+    ValueError: an unknown name, listing the known ones.
+  """
   if name not in _REGISTRY:
     raise ValueError(f"unknown method {name!r}; choose one of {names()}")
-  if config.adapt and name not in ADAPTABLE:
-    raise ValueError(f"adapt=True needs an episodic memory; method {name!r} "
-                     f"has none (use one of {list(ADAPTABLE)})")
-  return importlib.import_module(_REGISTRY[name]).make(config, ctx)
+  return importlib.import_module(_REGISTRY[name]).SPEC
 
 
-__all__ = ["Batch", "Context", "Method", "make", "names", "ADAPTABLE"]
+def all_hparams() -> dict[str, HParam]:
+  """Every registered method's hyper-parameters by name (first wins).
+
+  Methods sharing a field agree on its type (a test checks it).
+  """
+  out: dict[str, HParam] = {}
+  for n in names():
+    for h in get(n).hparams:
+      out.setdefault(h.name, h)
+  return out
+
+
+def hparams_of(config) -> HParams:
+  """The resolved hyper-parameters of ``config.method``, validated."""
+  from bcl_jax.config import resolve
+  from bcl_jax.methods import hparams as shared
+  config = resolve(config)
+  spec = get(config.method)
+  hp = spec.hparams_of(config)
+  shared.check_common(hp)
+  spec.validate(hp, config)
+  return hp
+
+
+def make(config, ctx: Context) -> Method:
+  """Builds the method ``config.method`` for the benchmark in ``ctx``."""
+  return get(config.method).make(hparams_of(config), ctx)
+
+
+__all__ = ["Batch", "Context", "HParam", "HParams", "Method", "MethodSpec",
+           "TaskData", "get", "names", "make", "hparams_of", "all_hparams"]

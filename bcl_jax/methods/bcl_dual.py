@@ -46,7 +46,14 @@ import jax
 import jax.numpy as jnp
 
 from bcl_jax import memory as mem
-from bcl_jax.methods import base
+from bcl_jax.methods import adaptation, api, distill, losses, steps
+from bcl_jax.methods import hparams as H
+
+N_VAL = api.HParam("n_val", 0.2, "fraction of n_memories for the "
+                   "generalisation memory G")
+META_GRADIENT = api.HParam("meta_gradient", "first_order", "first_order "
+                           "(the reference) or unrolled (exact hypergradient "
+                           "through the inner loop)")
 
 
 class State(NamedTuple):
@@ -57,90 +64,52 @@ class State(NamedTuple):
   soft: jax.Array          # F, [n_tasks, n_mem, n_outputs], zero off-task
 
 
-def memory_sizes(config) -> tuple[int, int]:
+def memory_sizes(hp) -> tuple[int, int]:
   """``(n_mem, n_val)``: episodic and generalisation slots per task."""
-  n_val = int(int(config.n_memories) * float(config.n_val))
-  n_mem = int(config.n_memories) - n_val
-  if n_val < 1 or n_mem < 1:
-    raise ValueError(
-        f"n_memories={config.n_memories} with n_val={config.n_val} gives "
-        f"{n_mem} episodic and {n_val} generalisation slots; both must be "
-        ">= 1 (raise n_memories or change n_val)")
+  n_val = int(int(hp.n_memories) * float(hp.n_val))
+  n_mem = int(hp.n_memories) - n_val
   return n_mem, n_val
 
 
-def refresh_soft_targets(model, class_mask, state, task):
-  """At a task switch, ``F[p] = softmax(logits(M[p])[:, cols(p)] / T)``.
-
-  ``p = task - 1``; the forward runs in training mode, as the reference's does
-  (so BatchNorm running statistics move). No-op for ``task == 0``.
-  """
-  p = jnp.maximum(task - 1, 0)
-  (logits,), new_vars = base.apply_many(
-      model, state.variables, [state.memory.x[p]], True,
-      masks=[jnp.ones(state.memory.y.shape[1], bool)])
-  f = base.soft_targets(logits, class_mask[p], state.hp["temperature"])
-  switched = task > 0
-  soft = jnp.where(switched, state.soft.at[p].set(f), state.soft)
-  variables = base.select(switched, new_vars, state.variables)
-  return state._replace(soft=soft, variables=variables)
+def validate(hp: api.HParams, config) -> None:
+  api.check(config.batch_size >= 2, "bcl_dual takes one sample of each batch "
+            "for the generalisation memory; batch_size must be >= 2")
+  api.check(0 < hp.n_val < 1, f"n_val is a fraction of n_memories in (0, 1), "
+            f"got {hp.n_val}")
+  n_mem, n_val = memory_sizes(hp)
+  api.check(n_val >= 1 and n_mem >= 1,
+            f"n_memories={hp.n_memories} with n_val={hp.n_val} gives {n_mem} "
+            f"episodic and {n_val} generalisation slots; both must be >= 1 "
+            "(raise n_memories or change n_val)")
+  api.check(hp.meta_gradient in ("first_order", "unrolled"),
+            f"meta_gradient must be 'first_order' or 'unrolled', got "
+            f"{hp.meta_gradient!r}")
 
 
-def make_inner_loss(model, class_mask, kl_mean: bool):
-  """``L_in`` on the current batch plus a replay batch with distillation.
-
-  Returns ``loss(params, batch_stats, hp, x, y, valid, task, replay) ->
-  (loss, batch_stats)`` with ``replay = (rx, ry, rtask, rsoft, rmask)``.
-  """
-
-  def loss(params, batch_stats, hp, x, y, valid, task, replay):
-    rx, ry, rt, rsoft, rmask = replay
-    (lc, lr_), new = base.apply_many(
-        model, {"params": params, "batch_stats": batch_stats}, [x, rx], True,
-        masks=[valid, rmask])
-    cols = class_mask[rt]
-    total = (base.masked_ce(lc, y, class_mask[task], valid)
-             + base.masked_ce(lr_, ry, cols, rmask)
-             + hp["memory_strength"] * base.masked_kl(
-                 lr_, rsoft, cols, rmask, hp["temperature"], kl_mean))
-    return total, new["batch_stats"]
-
-  return loss
-
-
-def draw_replay(state, key, task, k):
-  """A replay batch from ``M[0..task-1]`` with its soft targets."""
-  rt, rs, rmask = mem.draw(state.memory, key, task, k)
-  return (state.memory.x[rt, rs], state.memory.y[rt, rs], rt,
-          state.soft[rt, rs], rmask)
-
-
-def make(config, ctx: base.Context) -> base.Method:
+def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
   n_tasks, n_out = ctx.n_tasks, ctx.n_outputs
-  n_mem, n_val = memory_sizes(config)
-  rbs = int(config.replay_batch_size)
+  n_mem, n_val = memory_sizes(hp)
+  rbs = int(hp.replay_batch_size)
   k_replay = min(n_mem, rbs)
   k_outer = min(n_tasks * n_val, rbs)
-  inner_steps, n_meta = int(config.inner_steps), int(config.n_meta)
-  accumulate = bool(config.grad_accumulation)
-  drop, fill = bool(config.drop_at_wrap), bool(config.fill_on_first_write)
-  if config.meta_gradient not in ("first_order", "unrolled"):
-    raise ValueError(f"meta_gradient must be 'first_order' or 'unrolled', "
-                     f"got {config.meta_gradient!r}")
-  unrolled = config.meta_gradient == "unrolled"
-  inner_loss = make_inner_loss(model, class_mask, bool(config.kl_mean))
+  inner_steps, n_meta = int(hp.inner_steps), int(hp.n_meta)
+  accumulate = bool(hp.grad_accumulation)
+  drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
+  unrolled = hp.meta_gradient == "unrolled"
+  inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
 
   def init(key):
     return State(
-        variables=model.init(key), hp=base.init_hp(config),
+        variables=model.init(key), hp=api.init_hp(SPEC, hp),
         memory=mem.ring_init(n_tasks, n_mem, ctx.input_shape, ctx.input_dtype),
         gen=mem.ring_init(n_tasks, n_val, ctx.input_shape, ctx.input_dtype),
         soft=jnp.zeros((n_tasks, n_mem, n_out), jnp.float32))
 
-  def begin_task(state, task):
-    state = refresh_soft_targets(model, class_mask, state, task)
+  def begin_task(state, task, data):
+    del data
+    state = distill.refresh_soft_targets(model, class_mask, state, task)
     return state._replace(memory=mem.ring_reset_ptr(state.memory),
                           gen=mem.ring_reset_ptr(state.gen))
 
@@ -160,61 +129,64 @@ def make(config, ctx: base.Context) -> base.Method:
                             fill_on_first_write=fill)
     return state._replace(gen=gen, memory=memory), (x, y, valid)
 
-  def observe(state, batch: base.Batch, key):
+  def observe(state, batch: api.Batch, key):
     t = batch.task
     state, (x, y, valid) = update_memories(state, batch)
-    hp = state.hp
+    hp_ = state.hp
     n_outer = jnp.minimum((t + 1) * n_val, rbs)
 
-    def inner_loop(params, batch_stats, keys):
-      """K SGD steps from ``params``; returns (params, bs, grad sum)."""
-
-      def step(carry, k):
-        p, bs, acc = carry
-        replay = draw_replay(state, k, t, k_replay)
-        (loss, bs), g = jax.value_and_grad(inner_loss, has_aux=True)(
-            p, bs, hp, x, y, valid, t, replay)
-        acc = jax.tree_util.tree_map(jnp.add, acc, g) if accumulate else g
-        return (base.sgd(p, acc, hp["lr"]), bs, acc), loss
-
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-      (p, bs, acc), losses = jax.lax.scan(step, (params, batch_stats, zeros),
-                                          keys)
-      return p, bs, acc, losses
+    def in_loss(params, batch_stats, k):
+      replay = distill.draw_replay(state.memory, state.soft, k, t, k_replay)
+      return inner_loss(params, batch_stats, hp_, x, y, valid, t, replay)
 
     def outer_loss(params, batch_stats, key):
       gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
-      (logits,), new = base.apply_many(
+      (logits,), new = steps.apply_many(
           model, {"params": params, "batch_stats": batch_stats},
           [state.gen.x[gt, gs]], True, masks=[gmask])
-      return base.masked_ce(logits, state.gen.y[gt, gs], class_mask[gt],
-                            gmask), new["batch_stats"]
+      return losses.masked_ce(logits, state.gen.y[gt, gs], class_mask[gt],
+                              gmask), new["batch_stats"]
 
     def meta_iteration(variables, key):
       keys = jax.random.split(key, inner_steps + 1)
       theta0 = variables
       if unrolled:
         def through(p0):
-          pk, bsk, acc, _ = inner_loop(p0, theta0["batch_stats"], keys[:-1])
-          lo, bs_out = outer_loss(pk, jax.lax.stop_gradient(bsk), keys[-1])
-          return lo, (bs_out, pk, acc)
+          vk, acc, _ = steps.inner_loop(
+              in_loss, {"params": p0, "batch_stats": theta0["batch_stats"]},
+              keys[:-1], hp_["lr"], accumulate)
+          lo, bs_out = outer_loss(vk["params"],
+                                  jax.lax.stop_gradient(vk["batch_stats"]),
+                                  keys[-1])
+          return lo, (bs_out, vk["params"], acc)
         (lout, (bs, p, acc)), g_out = jax.value_and_grad(
             through, has_aux=True)(theta0["params"])
       else:
-        p, bs, acc, _ = inner_loop(theta0["params"], theta0["batch_stats"],
-                                   keys[:-1])
+        vk, acc, _ = steps.inner_loop(in_loss, theta0, keys[:-1], hp_["lr"],
+                                      accumulate)
+        p = vk["params"]
         (lout, bs), g_out = jax.value_and_grad(outer_loss, has_aux=True)(
-            p, bs, keys[-1])
-      step = jax.tree_util.tree_map(jnp.add, acc, g_out) if accumulate \
-          else g_out
-      after = {"params": base.sgd(p, step, hp["lr"]), "batch_stats": bs}
-      return base.interpolate(theta0, after, hp["beta"]), lout
+            p, vk["batch_stats"], keys[-1])
+      step = steps.add(acc, g_out) if accumulate else g_out
+      after = {"params": steps.sgd(p, step, hp_["lr"]), "batch_stats": bs}
+      return steps.interpolate(theta0, after, hp_["beta"]), lout
 
     variables, louts = jax.lax.scan(meta_iteration, state.variables,
                                     jax.random.split(key, n_meta))
     return state._replace(variables=variables), {"loss": louts[-1]}
 
-  eval_variables = base.make_eval_variables(model, bool(config.adapt),
-                                            inner_steps)
+  return api.Method(init, begin_task, observe, api.no_hook,
+                    *adaptation.evaluation(model, bool(hp.adapt), inner_steps))
 
-  return base.Method("bcl_dual", init, begin_task, observe, eval_variables)
+
+SPEC = api.MethodSpec(
+    name="bcl_dual",
+    summary="BCL-Dual: episodic + generalisation memory; n_meta x (inner "
+    "steps on batch + replay + distillation, one outer step on G, "
+    "interpolation with beta)",
+    hparams=(H.LR, H.BETA, H.MEMORY_STRENGTH, H.TEMPERATURE, H.N_MEMORIES,
+             N_VAL, H.REPLAY_BATCH_SIZE, H.INNER_STEPS, H.N_META, H.ADAPT,
+             H.ADAPT_LR, META_GRADIENT, H.GRAD_ACCUMULATION,
+             H.FILL_ON_FIRST_WRITE, H.KL_MEAN, H.DROP_AT_WRAP),
+    make=make,
+    validate=validate)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from bcl_jax import memory as mem
-from bcl_jax.methods import base
+from bcl_jax.methods import adaptation, api, losses, steps
+from bcl_jax.methods import hparams as H
 
 
 class State(NamedTuple):
@@ -24,49 +25,47 @@ class State(NamedTuple):
   memory: mem.RingBuffer
 
 
-def make(config, ctx: base.Context) -> base.Method:
+def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
-  n_mem = int(config.n_memories)
-  k_replay = min(n_mem, int(config.replay_batch_size))
-  inner_steps = int(config.inner_steps)
+  n_mem = int(hp.n_memories)
+  k_replay = min(n_mem, int(hp.replay_batch_size))
 
   def init(key):
-    return State(variables=model.init(key), hp=base.init_hp(config),
+    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
                  memory=mem.ring_init(ctx.n_tasks, n_mem, ctx.input_shape,
                                       ctx.input_dtype))
 
-  def begin_task(state, task):
-    del task
-    return state
-
-  def observe(state, batch: base.Batch, key):
+  def observe(state, batch: api.Batch, key):
     t = batch.task
     memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
-                            drop_at_wrap=config.drop_at_wrap,
+                            drop_at_wrap=hp.drop_at_wrap,
                             fill_on_first_write=False)
 
-    def step(v, k):
+    def loss_fn(params, batch_stats, k):
       rt, rs, rmask = mem.draw(memory, k, t, k_replay)
       rx, ry = memory.x[rt, rs], memory.y[rt, rs]
+      (lc, lr_), new = steps.apply_many(
+          model, {"params": params, "batch_stats": batch_stats},
+          [batch.x, rx], True, masks=[batch.valid, rmask])
+      loss = (losses.masked_ce(lc, batch.y, class_mask[t], batch.valid)
+              + losses.masked_ce(lr_, ry, class_mask[rt], rmask))
+      return loss, new["batch_stats"]
 
-      def loss_fn(params):
-        (lc, lr_), new = base.apply_many(
-            model, {"params": params, "batch_stats": v["batch_stats"]},
-            [batch.x, rx], True, masks=[batch.valid, rmask])
-        loss = (base.masked_ce(lc, batch.y, class_mask[t], batch.valid)
-                + base.masked_ce(lr_, ry, class_mask[rt], rmask))
-        return loss, new["batch_stats"]
+    v, _, losses_ = steps.inner_loop(
+        loss_fn, state.variables, jax.random.split(key, int(hp.inner_steps)),
+        state.hp["lr"])
+    return state._replace(variables=v, memory=memory), {"loss": losses_[-1]}
 
-      (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-      return {"params": base.sgd(v["params"], g, state.hp["lr"]),
-              "batch_stats": bs}, loss
+  return api.Method(init, api.no_hook, observe, api.no_hook,
+                    *adaptation.evaluation(model, bool(hp.adapt),
+                                           int(hp.inner_steps)))
 
-    v, losses = jax.lax.scan(step, state.variables,
-                             jax.random.split(key, inner_steps))
-    return state._replace(variables=v, memory=memory), {"loss": losses[-1]}
 
-  eval_variables = base.make_eval_variables(model, bool(config.adapt),
-                                            inner_steps)
-
-  return base.Method("er", init, begin_task, observe, eval_variables)
+SPEC = api.MethodSpec(
+    name="er",
+    summary="experience replay: CE on the batch plus a replay batch from a "
+    "ring buffer per task",
+    hparams=(H.LR, H.N_MEMORIES, H.REPLAY_BATCH_SIZE, H.INNER_STEPS,
+             H.ADAPT, H.ADAPT_LR, H.DROP_AT_WRAP),
+    make=make)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-from bcl_jax.methods import base
+from bcl_jax.methods import api, losses, steps
+from bcl_jax.methods import hparams as H
 
 
 class State(NamedTuple):
@@ -15,32 +15,32 @@ class State(NamedTuple):
   hp: dict
 
 
-def make(config, ctx: base.Context) -> base.Method:
+def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
 
   def init(key):
-    return State(variables=model.init(key), hp=base.init_hp(config))
+    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp))
 
-  def begin_task(state, task):
-    del task
-    return state
-
-  def observe(state, batch: base.Batch, key):
-    del key
-    v = state.variables
-
-    def loss_fn(params):
-      (logits,), new = base.apply_many(
-          model, {"params": params, "batch_stats": v["batch_stats"]},
+  def observe(state, batch: api.Batch, key):
+    def loss_fn(params, batch_stats, key):
+      del key
+      (logits,), new = steps.apply_many(
+          model, {"params": params, "batch_stats": batch_stats},
           [batch.x], True, masks=[batch.valid])
-      return base.masked_ce(logits, batch.y, class_mask[batch.task],
-                            batch.valid), new["batch_stats"]
+      return losses.masked_ce(logits, batch.y, class_mask[batch.task],
+                              batch.valid), new["batch_stats"]
 
-    (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-    v = {"params": base.sgd(v["params"], g, state.hp["lr"]), "batch_stats": bs}
+    v, loss, _ = steps.grad_step(loss_fn, state.variables, key,
+                                 state.hp["lr"])
     return state._replace(variables=v), {"loss": loss}
 
-  eval_variables = base.make_eval_variables(model, adapt=False)
+  return api.Method(init, api.no_hook, observe, api.no_hook,
+                    *api.plain_eval(model))
 
-  return base.Method("single", init, begin_task, observe, eval_variables)
+
+SPEC = api.MethodSpec(
+    name="single",
+    summary="fine-tuning: one SGD step per batch on the current task",
+    hparams=(H.LR,),
+    make=make)
