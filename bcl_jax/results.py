@@ -43,19 +43,9 @@ def check_workdir(workdir: str) -> None:
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
-  mode = "wb" if isinstance(data, bytes) else "w"
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes ``data`` atomically with normal permissions (see bcl_jax.fileio)."""
+  from bcl_jax import fileio  # pylint: disable=import-outside-toplevel
+  fileio.atomic_write(path, data)
 
 
 def versions() -> dict[str, str]:

@@ -16,6 +16,14 @@ import numpy as np
 
 from bcl_jax.data.errors import DataError
 
+# Most classes a benchmark may have. n_outputs is 1 + the largest label and
+# sizes the output layer and a [n_tasks, n_outputs] mask, so one corrupt
+# label of 2**32 would otherwise ask for gigabytes. Raise it
+# (bcl_jax.data.benchmark.MAX_CLASSES = ...) for a genuinely bigger label set.
+MAX_CLASSES = 100_000
+# Float inputs must lie in [0, 1]; this much slack absorbs rounding.
+INPUT_RANGE_TOLERANCE = 1e-3
+
 
 @dataclasses.dataclass
 class Task:
@@ -83,7 +91,9 @@ def make_benchmark(name: str, tasks: Sequence[Task], task_incremental: bool,
 
   ``n_outputs`` is ``1 + max label`` over all tasks, train and test (the
   reference's rule) unless given. For task-incremental benchmarks each task's
-  columns are the classes that occur in it (train or test).
+  columns are the classes that occur in it (train or test). Labels must be
+  below :data:`MAX_CLASSES`; float inputs must lie in [0, 1] (raw 0..255
+  pixels would silently train badly or diverge).
 
   Raises:
     DataError: naming ``source`` and the problem.
@@ -120,9 +130,24 @@ def make_benchmark(name: str, tasks: Sequence[Task], task_incremental: bool,
         raise DataError(f"{where}: labels must be >= 0, found {int(y.min())}")
       if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{where}: inputs must be float or uint8, got {x.dtype}")
-      if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-        raise DataError(f"{where}: inputs contain NaN or inf")
-      max_label = max(max_label, int(y.max()))
+      if np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+          raise DataError(f"{where}: inputs contain NaN or inf")
+        lo, hi = float(x.min()), float(x.max())
+        tol = INPUT_RANGE_TOLERANCE
+        if lo < -tol or hi > 1 + tol:
+          raise DataError(
+              f"{where}: float inputs range over [{lo:g}, {hi:g}], expected "
+              "[0, 1]; divide them by 255 if they are raw pixels (or store "
+              "them as uint8, which is scaled to [0, 1] automatically)")
+      top = int(y.max())
+      if top >= MAX_CLASSES:
+        raise DataError(
+            f"{where}: label {top} implies {top + 1} classes, more than "
+            f"MAX_CLASSES = {MAX_CLASSES}; labels must be class indices "
+            "0..C-1 (a corrupt file? if not, raise "
+            "bcl_jax.data.benchmark.MAX_CLASSES)")
+      max_label = max(max_label, top)
   for task in tasks:
     task.y_train = task.y_train.astype(np.int32)
     task.y_test = task.y_test.astype(np.int32)
@@ -132,6 +157,9 @@ def make_benchmark(name: str, tasks: Sequence[Task], task_incremental: bool,
         setattr(task, f"x_{split}", x.astype(np.float32))
   if n_outputs is None:
     n_outputs = max_label + 1
+  elif not 0 < n_outputs <= MAX_CLASSES:
+    raise DataError(f"{source}: n_outputs {n_outputs} is outside 1.."
+                    f"{MAX_CLASSES} (bcl_jax.data.benchmark.MAX_CLASSES)")
   elif max_label >= n_outputs:
     raise DataError(f"{source}: label {max_label} >= n_outputs {n_outputs}")
   mask = np.zeros((len(tasks), n_outputs), bool)

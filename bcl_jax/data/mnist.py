@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import struct
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -45,36 +47,60 @@ _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 
 
+# Most bytes a gzipped IDX file may inflate to (MNIST's largest is 47 MB);
+# the header's dimensions are checked against it before reading, so a small
+# .gz cannot claim gigabytes. Plain files are checked against their size.
+MAX_IDX_BYTES = 1 << 30
+
+
 def _read_idx(path: str, images: bool) -> np.ndarray:
-  """Reads one IDX file (plain or gzip) and checks magic number and size."""
-  try:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-      data = fh.read()
-  except (OSError, EOFError) as err:
-    raise DataError(f"{path}: cannot read ({err}); re-download the MNIST "
-                    "IDX files") from None
+  """Reads one IDX file (plain or gzip), checking its header before the data.
+
+  Raises:
+    DataError: unreadable file, wrong magic number, or a header whose
+      dimensions disagree with the file's size (or exceed the cap for .gz).
+  """
   magic, ndim = (_IMAGES_MAGIC, 3) if images else (_LABELS_MAGIC, 1)
   header = 4 + 4 * ndim
-  if len(data) >= 4:
-    (got,) = struct.unpack(">i", data[:4])
-    if got != magic:
-      raise DataError(f"{path}: magic number {got}, expected {magic} for IDX "
-                      f"{'images' if images else 'labels'}; is the file "
-                      "swapped or not an MNIST IDX file?")
-  if len(data) < header:
-    raise DataError(f"{path}: only {len(data)} bytes, shorter than an IDX "
-                    "header; the file is truncated, re-download it")
-  dims = struct.unpack(f">{ndim}i", data[4:header])
-  expected = header + int(np.prod(dims))
-  if len(data) != expected:
-    raise DataError(f"{path}: {len(data)} bytes but the header {dims} "
-                    f"implies {expected}; the file is truncated or "
-                    "corrupt, re-download it")
-  if images and dims[1:] != (28, 28):
-    raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected "
-                    "28x28 MNIST digits")
-  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+  gz = path.endswith(".gz")
+  fix = "the file is truncated or corrupt, re-download it"
+  try:
+    with (gzip.open if gz else open)(path, "rb") as fh:
+      head = fh.read(header)
+      if len(head) >= 4:
+        (got,) = struct.unpack(">i", head[:4])
+        if got != magic:
+          raise DataError(f"{path}: magic number {got}, expected {magic} for "
+                          f"IDX {'images' if images else 'labels'}; is the "
+                          "file swapped or not an MNIST IDX file?")
+      if len(head) < header:
+        raise DataError(f"{path}: only {len(head)} bytes, shorter than an "
+                        "IDX header; the file is truncated, re-download it")
+      dims = struct.unpack(f">{ndim}i", head[4:])
+      body = math.prod(dims)  # exact: numpy's prod wraps around
+      expected = header + body
+      if min(dims) < 0:
+        raise DataError(f"{path}: negative dimensions {dims} in the header; "
+                        + fix)
+      if not gz and os.path.getsize(path) != expected:
+        raise DataError(f"{path}: {os.path.getsize(path)} bytes but the "
+                        f"header {dims} implies {expected}; {fix}")
+      if gz and body > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the header {dims} implies {expected} "
+                        f"bytes, more than MAX_IDX_BYTES = {MAX_IDX_BYTES} "
+                        "(bcl_jax.data.mnist.MAX_IDX_BYTES); " + fix)
+      if images and dims[1:] != (28, 28):
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected "
+                        "28x28 MNIST digits")
+      data = fh.read(body + 1)  # one byte more reveals trailing garbage
+  except (OSError, EOFError, zlib.error) as err:
+    raise DataError(f"{path}: cannot read ({err}); re-download the MNIST "
+                    "IDX files") from None
+  if len(data) != body:
+    got = "more" if len(data) > body else f"{header + len(data)}"
+    raise DataError(f"{path}: inflates to {got} bytes but the header {dims} "
+                    f"implies {expected}; {fix}")
+  return np.frombuffer(data, np.uint8).reshape(dims)
 
 
 def _idx_path(folder: str, stem: str) -> str | None:

@@ -9,13 +9,16 @@ Inputs keep their dtype (uint8 stays uint8).
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
+from bcl_jax import fileio
+from bcl_jax.data import safezip
 from bcl_jax.data.benchmark import Benchmark, Task, make_benchmark
 from bcl_jax.data.errors import DataError
 
@@ -39,13 +42,6 @@ def _jsonable(value: Any) -> Any:
   return repr(value)
 
 
-def _set_default_mode(path: str) -> None:
-  """Gives a mkstemp file (mode 0600) the mode a plain open() would."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, 0o666 & ~umask)
-
-
 def save_npz(bench: Benchmark, path: str | os.PathLike) -> None:
   """Writes ``bench`` to ``path`` atomically (temp file, then rename)."""
   path = os.fspath(path)
@@ -66,16 +62,8 @@ def save_npz(bench: Benchmark, path: str | os.PathLike) -> None:
   if not os.path.isdir(folder):
     raise DataError(f"{path}: the folder {folder} does not exist; create it "
                     "first")
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      np.savez(fh, **arrays)
-    _set_default_mode(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with fileio.atomic_open(path) as fh:
+    np.savez(fh, **arrays)
 
 
 def _descriptor(value: Any) -> Any:
@@ -111,6 +99,47 @@ def _how_to_create(path: str) -> str:
   return "create it with `python scripts/prepare_data.py` (see its --help)"
 
 
+def _check_members(path: str, how: str) -> None:
+  """Checks every member's sizes before numpy allocates what they declare.
+
+  Each ``.npy`` member's header (shape, dtype) must account for exactly the
+  member's bytes, and those bytes must really be in the file (or, for a
+  compressed member, within :data:`safezip.MAX_INFLATED_BYTES`).
+
+  Raises:
+    DataError: naming the file and the member.
+  """
+  with open(path, "rb") as fh:
+    magic = fh.read(6)
+  if not zipfile.is_zipfile(path):
+    if magic == b"\x93NUMPY":
+      raise DataError(f"{path}: is a single .npy array, not a benchmark "
+                      f".npz; {how}")
+    raise DataError(f"{path}: not a readable .npz (not a zip archive); "
+                    f"{how}")
+  with zipfile.ZipFile(path) as zf:
+    members = safezip.BoundedZip(path, zf, how)
+    for name in zf.namelist():
+      info = members.check(name)
+      if not name.endswith(".npy"):
+        continue
+      with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+          shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+          shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        start = fh.tell()
+      if dtype.hasobject:
+        raise DataError(f"{path}: member {name} holds Python objects "
+                        f"(dtype {dtype}), which are never read; {how}")
+      size = start + math.prod(shape) * dtype.itemsize
+      if size != info.file_size:
+        raise DataError(f"{path}: member {name} declares shape {shape} of "
+                        f"{dtype} ({size} bytes with its header) but holds "
+                        f"{info.file_size} bytes (corrupt or forged); {how}")
+
+
 def load_npz(path: str | os.PathLike) -> Benchmark:
   """Reads a benchmark written by :func:`save_npz`.
 
@@ -123,11 +152,8 @@ def load_npz(path: str | os.PathLike) -> Benchmark:
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file; {_how_to_create(path)}")
   try:
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-      raise DataError(f"{path}: is a single .npy array, not a benchmark "
-                      f".npz; {how}")
-    with loaded as data:
+    _check_members(path, how)
+    with np.load(path, allow_pickle=False) as data:
       files = set(data.files)
       if "meta" not in files:
         raise DataError(f"{path}: no 'meta' entry, so not a bcl_jax "
@@ -162,7 +188,8 @@ def load_npz(path: str | os.PathLike) -> Benchmark:
         tasks.append(Task(*arrs, descriptor=_descriptor(descriptors[i])))
   except DataError:
     raise
-  except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError,
+          zlib.error, NotImplementedError, RuntimeError) as err:
     raise DataError(f"{path}: not a readable .npz ({type(err).__name__}: "
                     f"{str(err)[:80]}); {how}") from None
   return make_benchmark(meta["name"], tasks, meta["task_incremental"],

@@ -18,25 +18,39 @@ only an allow-list of globals (tensor rebuilders, storage and dtype names,
 stand-ins and refuses everything else with a :class:`DataError`. Tensors come
 back as numpy arrays.
 
-:func:`save_torch_zip` writes the zip format for nested containers of numpy
-arrays and plain scalars, so that real ``torch.load`` (including its
-``weights_only`` mode) can read our converted files.
+Nothing the file declares is trusted before it is checked: zip records
+against the archive's bytes (:mod:`bcl_jax.data.safezip`), pickle lengths
+against the bytes left, tensor views against their storage, and copies of
+views against a budget, so a small hostile file cannot claim gigabytes.
+
+:func:`save_torch_zip` (in :mod:`bcl_jax.data.torch_save`, re-exported here)
+writes the zip format that real ``torch.load`` can read.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import io
+import math
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from bcl_jax.data import safezip
 from bcl_jax.data.errors import DataError
+
+# Tensors are usually views of their whole storage (no copy). Other views are
+# copied; all copies of one file may total 2x its size plus this much, so a
+# stride-0 view of one element cannot expand to gigabytes. Raise it
+# (bcl_jax.data.torch_pickle.MAX_VIEW_COPY_BYTES = ...) for a trusted file.
+MAX_VIEW_COPY_BYTES = 64 << 20
+# Longest pickle text line (module names, protocol-0 numbers) we read.
+_MAX_LINE = 1 << 16
 
 # torch's legacy-format header constants (torch/serialization.py).
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -72,20 +86,6 @@ _DTYPE_NAMES: dict[str, str] = {
     "bool": "BoolStorage",
 }
 
-# numpy dtype -> storage class name, for the writer.
-_WRITE_STORAGE: dict[np.dtype, str] = {
-    np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float16): "HalfStorage",
-    np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage",
-    np.dtype(np.int16): "ShortStorage",
-    np.dtype(np.int8): "CharStorage",
-    np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage",
-}
-
-
 class _StorageType:
   """Stand-in for ``torch.FloatStorage`` and friends: just a dtype."""
 
@@ -101,10 +101,11 @@ class _Storage:
   """A loaded storage: a flat numpy array (``None`` in a sizing pass)."""
 
   def __init__(self, stype: _StorageType, numel: int,
-               array: np.ndarray | None):
+               array: np.ndarray | None, record: str = "?"):
     self.stype = stype
     self.numel = numel
     self.array = array
+    self.record = record  # named in errors: "archive/data/0", "storage 0"
 
 
 class _TorchDtype:
@@ -118,8 +119,25 @@ class _Refused(Exception):
   """Internal: a global outside the allow-list (becomes a DataError)."""
 
 
-def _as_tensor(storage: Any, storage_offset: int, size: Any,
-               stride: Any) -> np.ndarray | None:
+class _Budget:
+  """Bytes that copied tensor views of one file may allocate in total."""
+
+  def __init__(self, file_size: int):
+    self.limit = 2 * file_size + MAX_VIEW_COPY_BYTES
+    self.spent = 0
+
+  def spend(self, nbytes: int, what: str) -> None:
+    self.spent += nbytes
+    if self.spent > self.limit:
+      raise _Refused(
+          f"{what}, which would copy {safezip._human(nbytes)}; copied views "
+          f"may total twice the file size plus "
+          f"{safezip._human(MAX_VIEW_COPY_BYTES)} (bcl_jax.data.torch_pickle."
+          "MAX_VIEW_COPY_BYTES); save contiguous tensors (tensor.contiguous())")
+
+
+def _as_tensor(storage: Any, storage_offset: int, size: Any, stride: Any,
+               budget: _Budget) -> np.ndarray | None:
   """Builds the numpy array that a torch tensor view of ``storage`` is."""
   if not isinstance(storage, _Storage):
     raise _Refused(f"a tensor whose storage is {type(storage).__name__}")
@@ -129,49 +147,58 @@ def _as_tensor(storage: Any, storage_offset: int, size: Any,
   stride = tuple(int(s) for s in stride)
   offset = int(storage_offset)
   flat = storage.array
+  where = (f"a tensor view (size {size}, stride {stride}, offset {offset}) of "
+           f"record {storage.record} ({flat.size} elements)")
   if len(size) != len(stride) or any(s < 0 for s in size) or offset < 0:
-    raise _Refused(f"a tensor with size {size}, stride {stride}, "
-                   f"offset {offset}")
-  if 0 in size:
+    raise _Refused(where)
+  numel = math.prod(size)  # exact: numpy's prod would wrap around
+  if numel == 0:
     out = np.zeros(size, flat.dtype)
   else:
     last = offset + sum((n - 1) * abs(st) for n, st in zip(size, stride))
     if any(st < 0 for st in stride) or last >= flat.size:
-      raise _Refused(f"a tensor view (size {size}, stride {stride}, offset "
-                     f"{offset}) outside its storage of {flat.size} elements")
-    contiguous = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
-    if offset == 0 and stride == contiguous and flat.size == np.prod(size):
-      out = flat.reshape(size)  # the common case: no copy
+      raise _Refused(f"{where} outside its storage")
+    contiguous = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
+    if all(st == c for n, st, c in zip(size, stride, contiguous) if n > 1):
+      out = flat[offset:offset + numel].reshape(size)  # no copy
     else:
+      # Overlapping strides (stride 0: torch's expand) can make a view far
+      # bigger than its storage: charge the copy before making it.
+      budget.spend(numel * flat.dtype.itemsize, where)
       item = flat.dtype.itemsize
       view = np.lib.stride_tricks.as_strided(
           flat[offset:], shape=size, strides=[s * item for s in stride],
           writeable=False)
       out = view.copy()
   if storage.stype.name == "BFloat16Storage":
-    out = (out.astype(np.uint32) << 16).view(np.float32)
+    out = _widen_bf16(out, budget, where)
   return out
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _as_tensor(storage, storage_offset, size, stride)
+def _widen_bf16(out: np.ndarray, budget: _Budget, where: str) -> np.ndarray:
+  budget.spend(out.size * 4, where)
+  return (out.astype(np.uint32) << 16).view(np.float32)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *, budget):
+  return _as_tensor(storage, storage_offset, size, stride, budget)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride,
                        requires_grad=False, backward_hooks=None,
-                       metadata=None):
+                       metadata=None, *, budget):
   del requires_grad, backward_hooks, metadata
-  return _as_tensor(storage, storage_offset, size, stride)
+  return _as_tensor(storage, storage_offset, size, stride, budget)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
-                       backward_hooks, dtype, metadata=None):
+                       backward_hooks, dtype, metadata=None, *, budget):
   del requires_grad, backward_hooks, metadata
-  out = _as_tensor(storage, storage_offset, size, stride)
+  out = _as_tensor(storage, storage_offset, size, stride, budget)
   if out is not None and isinstance(dtype, _TorchDtype):
     name = dtype.storage_name
     if name == "BFloat16Storage" and out.dtype == np.uint16:
-      out = (out.astype(np.uint32) << 16).view(np.float32)
+      out = _widen_bf16(out, budget, "a bfloat16 tensor")
     elif name != "BFloat16Storage":
       out = out.view(_STORAGE_DTYPES[name]) if out.size else out.astype(
           _STORAGE_DTYPES[name])
@@ -195,18 +222,70 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
   return text.encode("latin1")
 
 
+class _NdarrayClass:
+  """``numpy.ndarray`` as ``_reconstruct``'s first argument; not callable.
+
+  Calling the real class would allocate any shape the file names.
+  """
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    raise _Refused("a call of numpy.ndarray")
+
+
+_NDARRAY = _NdarrayClass()
+_np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 vs 1
+
+
+def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+  """numpy pickles start every array as ``_reconstruct(ndarray, (0,), b'b')``
+  and fill it with BUILD; an empty start is all we allow."""
+  if (subtype is not _NDARRAY or not isinstance(shape, (tuple, list)) or
+      math.prod(int(d) for d in shape) != 0):
+    raise _Refused(f"numpy _reconstruct of shape {str(shape)[:40]}")
+  return _np_core.multiarray._reconstruct(np.ndarray, tuple(shape), dtype)
+
+
+def _plain_dtype(dtype: Any, what: str) -> np.dtype:
+  """Refuses object, structured and subarray dtypes (not needed for data)."""
+  if (not isinstance(dtype, np.dtype) or dtype.hasobject or
+      dtype.fields is not None or dtype.subdtype is not None):
+    raise _Refused(f"{what} of dtype {str(dtype)[:40]} (only plain numeric "
+                   "or string numpy arrays are read)")
+  return dtype
+
+
+def _np_scalar(dtype: Any, data: Any = None) -> Any:
+  _plain_dtype(dtype, "a numpy scalar")
+  if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+    raise _Refused(f"a numpy {dtype} scalar with {str(data)[:20]!r}")
+  return _np_core.multiarray.scalar(dtype, data)
+
+
+def _check_array_state(state: Any) -> None:
+  """ndarray.__setstate__ allocates what ``state`` names: check it first."""
+  if not isinstance(state, tuple) or len(state) not in (4, 5):
+    raise _Refused("a numpy array with a malformed state")
+  shape, dtype, raw = state[-4], state[-3], state[-1]
+  _plain_dtype(dtype, "a numpy array")
+  if (not isinstance(shape, tuple) or
+      not all(isinstance(d, int) and d >= 0 for d in shape)):
+    raise _Refused(f"a numpy array of shape {str(shape)[:40]}")
+  nbytes = math.prod(shape) * dtype.itemsize
+  if not isinstance(raw, (bytes, bytearray, str)) or len(raw) != nbytes:
+    raise _Refused(f"a numpy array of shape {shape} and dtype {dtype} whose "
+                   f"data is not {nbytes} bytes")
+
+
 def _allowed_numpy(module: str, name: str) -> Any:
   """numpy globals that only build arrays/dtypes (as torch's weights_only)."""
   if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     if name == "_reconstruct":
-      return np._core.multiarray._reconstruct if hasattr(
-          np, "_core") else np.core.multiarray._reconstruct
+      return _np_reconstruct
     if name == "scalar":
-      return np._core.multiarray.scalar if hasattr(
-          np, "_core") else np.core.multiarray.scalar
+      return _np_scalar
   if module == "numpy":
     if name == "ndarray":
-      return np.ndarray
+      return _NDARRAY
     if name == "dtype":
       return np.dtype
   if module.startswith("numpy") and name.endswith("DType"):
@@ -230,16 +309,66 @@ _TORCH_FUNCS: dict[tuple[str, str], Callable[..., Any]] = {
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-  """An unpickler that builds numpy arrays and refuses all other code."""
+class _CappedReader:
+  """A file whose reads never ask for more than the bytes left.
+
+  A pickle opcode may declare a length of gigabytes; a plain ``read(n)``
+  would allocate ``n`` before finding out the file is shorter.
+  """
+
+  def __init__(self, fh: BinaryIO):
+    self._fh = fh
+    here = fh.tell()
+    self._end = fh.seek(0, os.SEEK_END)
+    fh.seek(here)
+
+  def read(self, n: int = -1) -> bytes:
+    left = self._end - self._fh.tell()
+    return self._fh.read(left if n is None or n < 0 else min(n, left))
+
+  def readline(self) -> bytes:
+    return self._fh.readline(_MAX_LINE)
+
+
+def _load_build(unpickler: "_SafeUnpickler") -> None:
+  """BUILD only on numpy arrays (checked first) and dtypes."""
+  state, inst = unpickler.stack[-1], unpickler.stack[-2]
+  if isinstance(inst, np.ndarray):
+    _check_array_state(state)
+  elif not isinstance(inst, np.dtype):
+    raise _Refused(f"a pickled state for a {type(inst).__name__}")
+  pickle._Unpickler.load_build(unpickler)
+
+
+def _refuse_buffers(unpickler: "_SafeUnpickler") -> None:
+  del unpickler
+  raise _Refused("protocol-5 buffers (not written by torch.save)")
+
+
+class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """An unpickler that builds numpy arrays and refuses all other code.
+
+  It is the pure-Python unpickler: the C one grows its memo table to any
+  index a PUT opcode names (8 bytes per slot, zero-filled), so a few bytes
+  could claim gigabytes. Here the memo is a dict and every read is capped.
+  """
+
+  dispatch = dict(pickle._Unpickler.dispatch)
+  dispatch[pickle.BUILD[0]] = _load_build
+  for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+    dispatch[_op[0]] = _refuse_buffers
+  del _op
 
   def __init__(self, file: BinaryIO,
-               load_storage: Callable[[tuple], _Storage]):
-    super().__init__(file, encoding="utf-8")
+               load_storage: Callable[[tuple], _Storage], budget: _Budget):
+    super().__init__(_CappedReader(file), encoding="utf-8")
     self._load_storage = load_storage
+    self._budget = budget
 
   def find_class(self, module: str, name: str) -> Any:
     func = _TORCH_FUNCS.get((module, name))
+    if func in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3):
+      return functools.partial(func, budget=self._budget)
     if func is not None:
       return func
     if module in ("torch", "torch.storage", "torch.cuda"):
@@ -272,21 +401,24 @@ def _storage_args(pid: tuple) -> tuple[_StorageType, str, int]:
   return stype, str(key), numel
 
 
+_FIX = ("the file is not a readable torch.save file (re-create it with "
+        "GEM's data scripts or scripts/prepare_data.py)")
+
+
 def _bad(path: str, problem: str) -> DataError:
-  return DataError(
-      f"{path}: {problem}; the file is not a readable torch.save file "
-      "(re-create it with GEM's data scripts or scripts/prepare_data.py)")
+  return DataError(f"{path}: {problem}; {_FIX}")
 
 
-def _load_zip(path: str, zf: zipfile.ZipFile) -> Any:
+def _load_zip(path: str, zf: zipfile.ZipFile, budget: _Budget) -> Any:
   names = zf.namelist()
   pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
   if not pkl:
     raise _bad(path, "zip archive without <name>/data.pkl")
   prefix = pkl[0][:-len("data.pkl")]
+  records = safezip.BoundedZip(path, zf, _FIX)
   big_endian = False
   if prefix + "byteorder" in names:
-    order = zf.read(prefix + "byteorder").strip()
+    order = bytes(records.read(prefix + "byteorder")).strip()
     if order not in (b"little", b"big"):
       raise _bad(path, f"unknown byteorder record {order[:20]!r}")
     big_endian = order == b"big"
@@ -297,37 +429,26 @@ def _load_zip(path: str, zf: zipfile.ZipFile) -> Any:
     if key in cache:
       return cache[key]
     record = f"{prefix}data/{key}"
-    try:
-      info = zf.getinfo(record)
-    except KeyError:
-      raise _Refused(f"a storage whose record {record} is missing") from None
+    if record not in names:
+      raise _Refused(f"a storage whose record {record} is missing")
     dtype = stype.dtype.newbyteorder(">") if big_endian else stype.dtype
     nbytes = numel * dtype.itemsize
-    if info.file_size < nbytes:
-      raise _Refused(f"record {record} has {info.file_size} bytes, "
-                     f"{nbytes} expected")
-    buf = bytearray(info.file_size)
-    with zf.open(info) as fh:
-      view = memoryview(buf)
-      got = 0
-      while got < len(buf):
-        n = fh.readinto(view[got:])
-        if not n:
-          break
-        got += n
-    array = np.frombuffer(buf, dtype=dtype, count=numel)
+    size = zf.getinfo(record).file_size
+    if size < nbytes:  # checked before reading: sizes are the file's claims
+      raise _Refused(f"record {record} has {size} bytes, {nbytes} expected")
+    array = np.frombuffer(records.read(record), dtype=dtype, count=numel)
     if big_endian:
       array = array.astype(stype.dtype)
-    cache[key] = _Storage(stype, numel, array)
+    cache[key] = _Storage(stype, numel, array, record)
     return cache[key]
 
-  data = zf.read(pkl[0])
-  return _SafeUnpickler(io.BytesIO(data), load_storage).load()
+  data = records.read(pkl[0])
+  return _SafeUnpickler(io.BytesIO(data), load_storage, budget).load()
 
 
-def _load_legacy(path: str, fh: BinaryIO) -> Any:
+def _load_legacy(path: str, fh: BinaryIO, budget: _Budget) -> Any:
   try:
-    magic = _SafeUnpickler(fh, lambda pid: None).load()
+    magic = _SafeUnpickler(fh, lambda pid: None, budget).load()
   except (_Refused, pickle.UnpicklingError, EOFError, ValueError,
           TypeError, AttributeError, IndexError, KeyError):
     raise _bad(path, "neither a zip archive nor a legacy torch pickle "
@@ -335,10 +456,10 @@ def _load_legacy(path: str, fh: BinaryIO) -> Any:
   if magic != _LEGACY_MAGIC:
     raise _bad(path, "neither a zip archive nor a legacy torch pickle "
                "(wrong magic number)")
-  protocol = _SafeUnpickler(fh, lambda pid: None).load()
+  protocol = _SafeUnpickler(fh, lambda pid: None, budget).load()
   if protocol != _LEGACY_PROTOCOL:
     raise _bad(path, f"unsupported legacy protocol version {protocol}")
-  _SafeUnpickler(fh, lambda pid: None).load()  # sys_info: type sizes
+  _SafeUnpickler(fh, lambda pid: None, budget).load()  # sys_info: type sizes
   start = fh.tell()
 
   # Pass 1: find the storages (dtype, size) and where the pickle ends.
@@ -351,8 +472,8 @@ def _load_legacy(path: str, fh: BinaryIO) -> Any:
     seen.setdefault(key, _Storage(stype, numel, None))
     return seen[key]
 
-  _SafeUnpickler(fh, sizing).load()
-  keys = _SafeUnpickler(fh, lambda pid: None).load()
+  _SafeUnpickler(fh, sizing, budget).load()
+  keys = _SafeUnpickler(fh, lambda pid: None, budget).load()
   if not isinstance(keys, list):
     raise _Refused("a storage key list that is not a list")
   arrays: dict[str, np.ndarray] = {}
@@ -386,9 +507,9 @@ def _load_legacy(path: str, fh: BinaryIO) -> Any:
     stype, key, numel = _storage_args(pid)
     if key not in arrays:
       raise _Refused(f"storage {key} missing from the file")
-    return _Storage(stype, numel, arrays[key])
+    return _Storage(stype, numel, arrays[key], f"storage {key}")
 
-  return _SafeUnpickler(fh, loading).load()
+  return _SafeUnpickler(fh, loading, budget).load()
 
 
 def load_torch(path: str | os.PathLike) -> Any:
@@ -409,15 +530,16 @@ def load_torch(path: str | os.PathLike) -> Any:
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
   try:
+    budget = _Budget(os.path.getsize(path))
     if zipfile.is_zipfile(path):
       with zipfile.ZipFile(path) as zf:
-        return _load_zip(path, zf)
+        return _load_zip(path, zf, budget)
     with open(path, "rb") as fh:
       if fh.read(4) == b"PK\x03\x04":
         raise _bad(path, "a zip archive without its central directory "
                    "(truncated or an interrupted copy)")
       fh.seek(0)
-      return _load_legacy(path, fh)
+      return _load_legacy(path, fh, budget)
   except DataError:
     raise
   except _Refused as err:
@@ -434,169 +556,5 @@ def load_torch(path: str | os.PathLike) -> Any:
                     "check its permissions") from None
 
 
-# ---------------------------------------------------------------- writer ----
-
-
-class _Emitter:
-  """Writes a protocol-2 pickle of plain containers, arrays as tensors.
-
-  Writing the opcodes directly lets us name ``torch._utils`` globals without
-  importing torch (``pickle.Pickler`` verifies every global by import).
-  """
-
-  def __init__(self):
-    self.out = io.BytesIO()
-    self.storages: list[np.ndarray] = []
-
-  def _global(self, module: str, name: str) -> None:
-    self.out.write(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
-
-  def _str(self, s: str) -> None:
-    data = s.encode("utf-8")
-    self.out.write(b"X" + struct.pack("<I", len(data)) + data)
-
-  def _int(self, v: int) -> None:
-    if 0 <= v < 256:
-      self.out.write(b"K" + bytes([v]))
-    elif 0 <= v < 65536:
-      self.out.write(b"M" + struct.pack("<H", v))
-    elif -2**31 <= v < 2**31:
-      self.out.write(b"J" + struct.pack("<i", v))
-    else:
-      data = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
-      if len(data) > 255:
-        raise DataError(f"integer {v} is too large to save")
-      self.out.write(b"\x8a" + bytes([len(data)]) + data)
-
-  def _tuple(self, items: list[Any], depth: int) -> None:
-    if not items:
-      self.out.write(b")")
-      return
-    if len(items) > 3:
-      self.out.write(b"(")
-    for item in items:
-      self.save(item, depth + 1)
-    self.out.write({1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(items), b"t"))
-
-  def _array(self, arr: np.ndarray, depth: int) -> None:
-    dtype = arr.dtype.newbyteorder("=")
-    if dtype not in _WRITE_STORAGE:
-      raise DataError(f"cannot save an array of dtype {arr.dtype} as a torch "
-                      f"tensor; supported: "
-                      f"{', '.join(str(d) for d in _WRITE_STORAGE)}")
-    flat = np.ascontiguousarray(arr, dtype=dtype.newbyteorder("<"))
-    key = str(len(self.storages))
-    self.storages.append(flat)
-    shape = list(arr.shape)
-    strides = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
-    self._global("torch._utils", "_rebuild_tensor_v2")
-    self.out.write(b"(")
-    # persistent id: ('storage', torch.XStorage, key, 'cpu', numel)
-    self.out.write(b"(")
-    self._str("storage")
-    self._global("torch", _WRITE_STORAGE[dtype])
-    self._str(key)
-    self._str("cpu")
-    self._int(int(flat.size))
-    self.out.write(b"tQ")
-    self._int(0)
-    self._tuple(shape, depth)
-    self._tuple(strides, depth)
-    self.out.write(b"\x89")  # requires_grad=False
-    self._global("collections", "OrderedDict")
-    self.out.write(b")R")
-    self.out.write(b"tR")
-
-  def save(self, obj: Any, depth: int = 0) -> None:
-    """Appends the opcodes that rebuild ``obj``."""
-    if depth > 100:
-      raise DataError("cannot save: nesting deeper than 100 (a cycle?)")
-    if obj is None:
-      self.out.write(b"N")
-    elif isinstance(obj, (bool, np.bool_)):
-      self.out.write(b"\x88" if obj else b"\x89")
-    elif isinstance(obj, (int, np.integer)):
-      self._int(int(obj))
-    elif isinstance(obj, (float, np.floating)):
-      self.out.write(b"G" + struct.pack(">d", float(obj)))
-    elif isinstance(obj, str):
-      self._str(obj)
-    elif isinstance(obj, np.ndarray):
-      self._array(obj, depth)
-    elif isinstance(obj, list):
-      self.out.write(b"]")
-      if obj:
-        self.out.write(b"(")
-        for item in obj:
-          self.save(item, depth + 1)
-        self.out.write(b"e")
-    elif isinstance(obj, tuple):
-      self._tuple(list(obj), depth)
-    elif isinstance(obj, dict):
-      self.out.write(b"}")
-      if obj:
-        self.out.write(b"(")
-        for k, v in obj.items():
-          self.save(k, depth + 1)
-          self.save(v, depth + 1)
-        self.out.write(b"u")
-    else:
-      raise DataError(f"cannot save a {type(obj).__name__} in a torch file; "
-                      "use arrays, numbers, strings, lists, tuples and dicts")
-
-
-def _aligned_write(zf: zipfile.ZipFile, name: str, data: bytes,
-                   align: int = 64) -> None:
-  """Writes an uncompressed record whose bytes start on an ``align`` offset.
-
-  torch pads its local headers the same way so storages can be mmapped; the
-  padding lives in an extra field (id 0x4246, "FB"), which readers skip.
-  """
-  info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-  info.compress_type = zipfile.ZIP_STORED
-  header = 30 + len(name.encode("utf-8"))
-  offset = zf.fp.tell()
-  pad = (-(offset + header + 4)) % align
-  info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-  zf.writestr(info, data)
-
-
-def _set_default_mode(path: str) -> None:
-  """Gives a mkstemp file (mode 0600) the mode a plain open() would."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, 0o666 & ~umask)
-
-
-def save_torch_zip(obj: Any, path: str | os.PathLike) -> None:
-  """Writes ``obj`` in torch's zip format; numpy arrays become tensors.
-
-  ``obj`` may nest lists, tuples, dicts, numpy arrays (float16/32/64,
-  int8/16/32/64, uint8, bool), ints, floats, bools, strings and None. The
-  file is written to a temporary name beside ``path`` and renamed, so an
-  existing file is never left half-written.
-
-  Raises:
-    DataError: ``obj`` holds something that cannot be saved.
-  """
-  path = os.fspath(path)
-  emitter = _Emitter()
-  emitter.out.write(b"\x80\x02")
-  emitter.save(obj)
-  emitter.out.write(b".")
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(
-        fh, "w", zipfile.ZIP_STORED) as zf:
-      _aligned_write(zf, "archive/data.pkl", emitter.out.getvalue())
-      _aligned_write(zf, "archive/byteorder", b"little")
-      for i, flat in enumerate(emitter.storages):
-        _aligned_write(zf, f"archive/data/{i}", flat.tobytes())
-      _aligned_write(zf, "archive/version", b"3\n")
-    _set_default_mode(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+# The writer lives in its own module; importable from here as before.
+from bcl_jax.data.torch_save import save_torch_zip  # noqa: E402,F401  pylint: disable=wrong-import-position
