@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -228,3 +229,36 @@ def test_clean_title():
   assert results.clean_title("bcl_dual on m (/a/b/configs/mnist.py:quick)") \
       == "bcl_dual on m (mnist.py:quick)"
   assert results.clean_title("er on x (configs/c.py)") == "er on x (configs/c.py)"
+
+
+def readme_python_blocks(section: str) -> list[str]:
+  """The ```python blocks of one README section, in order."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  start = text.index(f"\n## {section}\n")
+  end = text.find("\n## ", start + 1)
+  body = text[start:end if end > 0 else None]
+  return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_readme_python_api_section_has_its_examples():
+  blocks = readme_python_blocks("Python API")
+  assert len(blocks) == 2
+  assert "experiment.run(" in blocks[0] and "report.collect(" in blocks[1]
+
+
+@pytest.mark.slow
+def test_readme_python_api_examples_run(tmp_path):
+  """Executes the section's blocks as one script from a scratch folder."""
+  script = "\n".join(readme_python_blocks("Python API"))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = load(tmp_path / "results" / "api-demo" / "results.json")
+  assert len(res["runs"]) == 2 and len(res["accuracy_matrix"]) == 2
+  assert "sample std (ddof=1)" in p.stdout
+  made = os.listdir(tmp_path / "results" / "api-report")
+  assert {"table.md", "table.csv", "table.tex"} <= set(made)
+  assert any(n.endswith("-seen.pdf") for n in made)
