@@ -13,6 +13,7 @@ bad input (no such workdir or checkpoint, a corrupt checkpoint).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -36,9 +37,16 @@ def evaluate(workdir: str, task: int | None = None, bench=None) -> dict:
           "path": ck.path, "runs": ck.meta["runs"]}
 
 
+def _prog(script: str, module: str) -> str:
+  """The name the user typed: the console script or ``python -m``."""
+  if os.path.basename(sys.argv[0]) == script:
+    return script
+  return f"python -m {module}"
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m bcl_jax.evaluate",
+      prog=_prog("bcl-evaluate", "bcl_jax.evaluate"),
       description="Re-evaluate the state saved after a task on every task.")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
   parser.add_argument("--task", type=int, default=None,

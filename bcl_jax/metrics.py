@@ -1,7 +1,9 @@
 """Continual-learning metrics as plain functions of the accuracy matrix.
 
 ``R[i, j]`` is the test accuracy on task ``j`` after training on tasks
-``0..i`` (spec section 2). All functions take a ``[T, T]`` array.
+``0..i`` (spec section 2). The matrix metrics take a ``[T, T]`` array;
+``lca`` takes per-task learning curves; ``mean_std`` is the one place that
+fixes how a spread over runs is computed (the sample std, ``ddof=1``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,46 @@ def fwt_gem(r, init_acc) -> float:
     return 0.0
   idx = np.arange(1, t)
   return float(np.mean(r[idx - 1, idx] - b[idx]))
+
+
+def lca(acc_curve, beta: int | None = None) -> float:
+  """Learning curve area (Chaudhry et al. 2019, "Efficient Lifelong Learning
+  with A-GEM", section 5).
+
+  ``LCA_beta = 1/(beta+1) * sum_{b=0..beta} Z_b`` with ``Z_b`` the mean over
+  tasks ``k`` of the accuracy on task ``k`` after ``b`` mini-batches of task
+  ``k`` (``b = 0``: before its first batch). That is the mean over tasks of
+  the mean of the first ``beta + 1`` points of each task's learning curve.
+
+  Args:
+    acc_curve: ``[T, P]`` array, ``acc_curve[k, b]`` as above, ``P >= beta+1``.
+    beta: the number of mini-batches covered (default ``P - 1``: all points).
+
+  Raises:
+    ValueError: for a non-2-D curve or a ``beta`` the curve does not cover.
+  """
+  a = np.asarray(acc_curve, dtype=np.float64)
+  if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+    raise ValueError(f"acc_curve must be a non-empty [tasks, beta+1] array, "
+                     f"got shape {a.shape}")
+  beta = a.shape[1] - 1 if beta is None else int(beta)
+  if not 0 <= beta < a.shape[1]:
+    raise ValueError(f"beta={beta} needs {beta + 1} points per task; "
+                     f"acc_curve has {a.shape[1]}")
+  return float(a[:, :beta + 1].mean(axis=1).mean())
+
+
+# The spread of a metric over runs (seeds) is the sample standard deviation.
+STD_DDOF = 1
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample std (``ddof=1``) of per-run values; std 0 for one run."""
+  v = np.asarray(values, dtype=np.float64)
+  if v.size == 0:
+    raise ValueError("mean_std needs at least one value")
+  std = float(np.std(v, ddof=STD_DDOF)) if v.size > 1 else 0.0
+  return float(v.mean()), std
 
 
 def all_metrics(r, init_acc=None) -> dict[str, float]:

@@ -1,7 +1,15 @@
-"""Command-line entry point.
+"""Command-line entry point: train and evaluate one experiment.
 
-    python -m bcl_jax.run --config configs/mnist.py --config.lr=0.1 \
-        --workdir results/mnist-lr0.1
+    python -m bcl_jax.run --config configs/mnist.py --config.lr=0.1
+
+Any config field is set with --config.FIELD=VALUE. To list every field with
+its value (the config file's, or the defaults without --config) and what it
+means:
+
+    python -m bcl_jax.run --list_fields [--config configs/mnist.py]
+
+The workdir defaults to results/<config>-<method>-<time>. Compare finished
+runs with python -m bcl_jax.report DIR...
 
 Bad input (missing data, a config typo, a non-finite loss, an unwritable
 workdir) ends with one line on stderr and a non-zero exit, no traceback.
@@ -10,6 +18,7 @@ workdir) ends with one line on stderr and a non-zero exit, no traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -22,14 +31,82 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py[:variant]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder (default results/<config>-<timestamp>).")
+    "workdir", None,
+    "Output folder (default results/<config>-<method>-<time>).")
+_LIST_FIELDS = flags.DEFINE_bool(
+    "list_fields", False, "Print every config field with its value (the "
+    "--config file's, or the defaults) and its meaning, then exit.")
 
 
-def default_workdir(config_path: str) -> str:
+def default_workdir(config_path: str, method: str = "") -> str:
+  """``results/<config>[-<variant>]-<method>-<time>``."""
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   variant = config_path.split(":", 1)[1] if ":" in config_path else ""
+  variant = variant.replace(",", "+").replace("/", "_")
   stamp = time.strftime("%Y%m%d-%H%M%S")
-  return os.path.join("results", "-".join(filter(None, [name, variant, stamp])))
+  return os.path.join("results", "-".join(filter(None, [name, variant, method,
+                                                        stamp])))
+
+
+def field_comments() -> dict[str, str]:
+  """``{field: comment}`` from ``bcl_jax/config.py``, in its order.
+
+  The default config's trailing comments are the fields' documentation;
+  fields without one map to ``""``.
+  """
+  from bcl_jax import config as config_lib
+  out = {}
+  with open(config_lib.__file__) as f:
+    for line in f:
+      m = re.match(r"\s*c\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", line.rstrip())
+      if m:
+        out[m.group(1)] = (m.group(2) or "").strip()
+  return out
+
+
+# Meanings of the fields bcl_jax/config.py leaves uncommented (README
+# "Config knobs" has the same words).
+_MEANINGS = {
+    "data_path": "folder of data_file",
+    "batch_size": "online batch size",
+    "n_epochs": "passes over each task",
+    "method": "bcl_dual | bcl_single | er | single",
+    "lr": "SGD learning rate (inner and outer)",
+    "beta": "interpolation (outer) rate of BCL",
+    "inner_steps": "SGD steps per inner loop",
+    "n_meta": "meta iterations per batch (bcl_dual)",
+    "n_memories": "memory slots per task",
+    "memory_strength": "weight of the distillation term",
+    "temperature": "temperature of the distillation term",
+    "replay_batch_size": "samples drawn from memory per replay step",
+    "adapt": "test-time adaptation",
+    "adapt_lr": "learning rate of test-time adaptation",
+    "grad_accumulation": "reference quirk (README 'Reference quirks')",
+    "fill_on_first_write": "reference quirk (README 'Reference quirks')",
+    "kl_mean": "reference quirk (README 'Reference quirks')",
+    "drop_at_wrap": "reference quirk (README 'Reference quirks')",
+    "seed": "first seed; runs use seed..seed+num_seeds-1",
+    "num_seeds": "runs with consecutive seeds, one vmapped program",
+    "sweep": "vmapped grid, e.g. 'lr=0.01,0.03;beta=0.1,0.3'",
+    "eval_batch_size": "evaluation chunk",
+    "progress": "progress bars (only when stderr is a terminal)",
+    "heatmap": "write accuracy.png / accuracy.pdf",
+}
+
+
+def list_fields(config) -> str:
+  """Every field of ``config``: ``name = value  # meaning``, one a line."""
+  comments = field_comments()
+  comments = {k: v or _MEANINGS.get(k, "") for k, v in comments.items()}
+  names = [k for k in comments if k in config]
+  names += sorted(k for k in config.keys() if k not in comments)
+  width = max(len(f"{k} = {config[k]!r}") for k in names)
+  lines = []
+  for k in names:
+    text = f"{k} = {config[k]!r}"
+    lines.append(f"{text:<{width}}  # {comments[k]}" if comments.get(k)
+                 else text)
+  return "\n".join(lines)
 
 
 def fail(msg: str, code: int = 2):
@@ -42,6 +119,9 @@ def main(argv) -> None:
     fail(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE")
   logging.set_verbosity(logging.WARNING)
   path = _config_path().split(":")[0]
+  if _LIST_FIELDS.value:
+    _print_fields(path)
+    return
   if path == "run":
     fail("--config is required, e.g. --config configs/mnist.py")
   if not os.path.exists(path):
@@ -53,13 +133,30 @@ def main(argv) -> None:
   except (OSError, AttributeError) as e:
     fail(f"cannot load config {path}: {str(e).splitlines()[0]}")
   from bcl_jax import experiment  # heavy imports after flag parsing
-  workdir = _WORKDIR.value or default_workdir(_config_path())
+  workdir = _WORKDIR.value or default_workdir(_config_path(), config.method)
   try:
     experiment.run(config, workdir, config_name=_config_path())
   except experiment.USER_ERRORS as e:
     fail(str(e))
   except KeyboardInterrupt:
     fail("interrupted", code=130)
+
+
+def _print_fields(path: str) -> None:
+  if path == "run":
+    from bcl_jax.config import default_config
+    config, source = default_config(), "bcl_jax/config.py defaults"
+  else:
+    if not os.path.exists(path):
+      fail(f"config file {path} does not exist; the shipped ones are in "
+           "configs/ (e.g. configs/mnist.py)")
+    try:
+      config, source = _CONFIG.value, _config_path()
+      config.method
+    except (OSError, AttributeError) as e:
+      fail(f"cannot load config {path}: {str(e).splitlines()[0]}")
+  print(f"# fields of {source}; set any with --config.FIELD=VALUE")
+  print(list_fields(config))
 
 
 def _config_path() -> str:
@@ -74,6 +171,11 @@ def _config_path() -> str:
 
 def _parse_flags(argv):
   """absl's flag parsing, with config errors as one line instead of a trace."""
+  if any(a in ("--help", "-h", "-?", "--helpshort") for a in argv[1:]):
+    # absl exits 1 after --help; asking for help is not an error.
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  if "--helpfull" in argv[1:]:
+    app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:

@@ -69,3 +69,45 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
 def test_missing_config_file():
   p = run_cli("--config", "configs/nope.py")
   assert p.returncode == 2 and "configs/nope.py does not exist" in p.stderr
+
+
+def test_help_says_how_to_list_the_fields():
+  p = run_cli("--help", timeout=120)
+  assert p.returncode == 0
+  assert "--list_fields" in p.stdout
+
+
+def test_list_fields_prints_every_field_with_its_value():
+  from bcl_jax.config import default_config
+  p = run_cli("--list_fields", timeout=120)
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.splitlines()[1:]
+  fields = {ln.split(" = ")[0]: ln for ln in lines}
+  assert set(fields) == set(default_config().keys())
+  assert fields["lr"].startswith("lr = 0.03 ")
+  assert "# fraction (<= 1) or count (> 1) per task" in fields["use"]
+  p = run_cli("--list_fields", "--config", "configs/mnist.py:quick",
+              "--config.lr=0.5", timeout=120)
+  assert p.returncode == 0, p.stderr
+  got = {ln.split(" = ")[0]: ln.split(" = ")[1].split("  #")[0].strip()
+         for ln in p.stdout.splitlines()[1:]}
+  assert got["lr"] == "0.5" and got["n_tasks"] == "3"
+
+
+def test_default_workdir_names_config_method_and_time():
+  from bcl_jax import run
+  wd = run.default_workdir("configs/mnist.py:val,quick", "er")
+  head, stamp = wd.rsplit("-", 1)
+  assert head.startswith(os.path.join("results", "mnist-val+quick-er-"))
+  assert stamp.isdigit() and len(stamp) == 6
+
+
+def test_console_scripts_resolve():
+  import importlib
+  import tomllib
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert set(scripts) == {"bcl-run", "bcl-evaluate", "bcl-report"}
+  for target in scripts.values():
+    module, attr = target.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))

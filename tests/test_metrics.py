@@ -49,3 +49,27 @@ def test_single_task_and_bad_shapes():
 def test_all_metrics_keys():
   m = metrics.all_metrics(R, init_acc=[0.1, 0.1, 0.1])
   assert set(m) == {"acc", "fm", "la", "bwt", "fwt", "fwt_gem"}
+
+
+def test_lca_hand_worked():
+  # Two tasks, 3 points each (beta = 2): task 0 curve 0.1, 0.4, 0.7 (mean
+  # 0.4); task 1 curve 0.2, 0.5, 0.5 (mean 0.4) -> LCA_2 = 0.4.
+  curve = np.array([[0.1, 0.4, 0.7, 0.9],
+                    [0.2, 0.5, 0.5, 0.9]])
+  assert metrics.lca(curve[:, :3]) == pytest.approx(0.4)
+  assert metrics.lca(curve, beta=2) == pytest.approx(0.4)
+  # beta = 0: the accuracy before any batch, (0.1 + 0.2) / 2.
+  assert metrics.lca(curve, beta=0) == pytest.approx(0.15)
+  # All 4 points: Z_b = 0.15, 0.45, 0.6, 0.9 -> mean 0.525.
+  assert metrics.lca(curve) == pytest.approx(0.525)
+  with pytest.raises(ValueError, match="beta=4 needs 5 points"):
+    metrics.lca(curve, beta=4)
+  with pytest.raises(ValueError, match="acc_curve must be"):
+    metrics.lca([0.1, 0.2])
+
+
+def test_mean_std_is_the_sample_std():
+  # Values 1, 2, 3, 4: mean 2.5, squared deviations 5 -> var 5/3.
+  m, s = metrics.mean_std([1.0, 2.0, 3.0, 4.0])
+  assert m == 2.5 and s == pytest.approx((5 / 3) ** 0.5)
+  assert metrics.mean_std([0.7]) == (0.7, 0.0)
