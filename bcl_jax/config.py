@@ -57,8 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.chunk_size = 100           # observe steps per compiled chunk
   c.eval_batch_size = 1000
   c.eval_init = True           # evaluate the untrained model (GEM's FWT)
-  c.progress = True
+  c.lca_batches = 10           # learning curve area after 0..k batches (0: off)
+  c.progress = True            # tqdm bars (only when stderr is a terminal)
   c.heatmap = True
+  c.logs = True                # metrics.csv and TensorBoard events (tb/)
+  c.wandb = False              # also log to Weights & Biases ([wandb] extra)
   # Checkpoints (README "Checkpoints and resuming").
   c.checkpoint = True          # save <workdir>/checkpoints/<task> after each
   c.keep = 0                   # checkpoints kept, newest first (0: all)

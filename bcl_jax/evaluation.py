@@ -41,6 +41,20 @@ def stack_tests(bench: Benchmark, eval_bs: int):
   return x, y, valid
 
 
+def task_accuracy(method: Method, class_mask, eval_bs: int, prepared, x, y,
+                  valid, j):
+  """Fraction of ``x``'s valid rows (one task's test set, ``[N, ...]``,
+  ``N`` a multiple of ``eval_bs``) whose argmax over task ``j``'s columns of
+  ``method.predict`` is the label."""
+  n_chunks = x.shape[0] // eval_bs
+  xs = x.reshape((n_chunks, eval_bs) + x.shape[1:])
+  logits = jax.lax.map(lambda xb: method.predict(prepared, xb, j),
+                       xs).reshape((x.shape[0], class_mask.shape[1]))
+  pred = jnp.argmax(jnp.where(class_mask[j], logits, -jnp.inf), -1)
+  correct = jnp.sum((pred == y) & valid)
+  return correct / jnp.maximum(jnp.sum(valid), 1)
+
+
 class Evaluator:
   """Accuracy rows of run-batched states on a benchmark's test sets."""
 
@@ -56,20 +70,12 @@ class Evaluator:
     TRACE_COUNTS["evaluate"] += 1
     method, eval_bs = self.method, self.eval_bs
     class_mask = jnp.asarray(self.class_mask)
-    n_chunks = x.shape[1] // eval_bs
 
     def one_run(s):
       prepared = method.prepare_eval(s, seen)
-
-      def one_task(j):
-        xs = x[j].reshape((n_chunks, eval_bs) + x.shape[2:])
-        logits = jax.lax.map(lambda xb: method.predict(prepared, xb, j),
-                             xs).reshape((x.shape[1], class_mask.shape[1]))
-        pred = jnp.argmax(jnp.where(class_mask[j], logits, -jnp.inf), -1)
-        correct = jnp.sum((pred == y[j]) & valid[j])
-        return correct / jnp.maximum(jnp.sum(valid[j]), 1)
-
-      return jax.lax.map(one_task, jnp.arange(x.shape[0]))
+      return jax.lax.map(
+          lambda j: task_accuracy(method, class_mask, eval_bs, prepared, x[j],
+                                  y[j], valid[j], j), jnp.arange(x.shape[0]))
 
     return self.axis.over_runs(one_run)(state)
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bcl_jax import checkpoint
+from bcl_jax import logs
 from bcl_jax import methods
 from bcl_jax import resume as resume_lib
 from bcl_jax import results as results_lib
@@ -107,18 +108,21 @@ def run(config, workdir: str, config_name: str = "run", log=print,
         return done
     manager = checkpoint.Manager(workdir, keep=int(config.keep))
 
-    def on_task_end(task, state, accuracy, init_accuracy):
+    def on_task_end(task, state, accuracy, init_accuracy, lca_curve):
       meta = resume_lib.task_meta(accuracy, init_accuracy, setup.runs,
-                                  benchmark=bench.name)
+                                  lca_curve, benchmark=bench.name)
       seconds = manager.save(task, state, meta=meta, config=config.to_dict())
       log(f"checkpoint {manager.path(task)} saved in {seconds:.2f}s")
 
   results_lib.atomic_write(f"{workdir}/config.json",
                            json.dumps(config.to_dict(), indent=2,
                                       sort_keys=True, default=str))
+  logger = logs.MetricLogger(workdir, enabled=bool(config.logs),
+                             wandb=bool(config.wandb))
   try:
     out = train.train_and_evaluate(config, bench, setup=setup, log=log,
-                                   on_task_end=on_task_end, **resume_kw)
+                                   on_task_end=on_task_end, logger=logger,
+                                   **resume_kw)
   except train.TrainingError as e:
     raise train.TrainingError(f"{e}; {_last_checkpoint(workdir, use_ckpt)}") \
         from None
@@ -126,6 +130,7 @@ def run(config, workdir: str, config_name: str = "run", log=print,
     log(f"interrupted; {_last_checkpoint(workdir, use_ckpt)}")
     raise
   finally:
+    logger.close()
     if manager is not None:
       manager.close()
   timing = dict(out["timing"])
@@ -136,7 +141,8 @@ def run(config, workdir: str, config_name: str = "run", log=print,
   if resume_kw:
     timing["resumed_after_task"] = resume_kw["start_task"] - 1
   res = results_lib.build_results(out["accuracy"], out["init_accuracy"],
-                                  out["runs"], timing)
+                                  out["runs"], timing,
+                                  lca_curve=out["lca_curve"])
   res["benchmark"] = {"name": bench.name, "n_tasks": bench.n_tasks,
                       "n_outputs": bench.n_outputs,
                       "input_shape": list(bench.input_shape),
@@ -162,6 +168,7 @@ def _resume(setup, workdir, resume, template, log) -> dict:
   state = checkpoint.restore_state(workdir, resume.task, template,
                                    resume.meta)
   accuracy, init_accuracy = resume_lib.accuracy_of(resume.meta)
+  lca_curve = resume_lib.lca_curve_of(resume.meta)
   diff = resume_lib.config_diff(resume.config, config)
   if diff:
     log("warning: force_resume: continuing although "
@@ -176,7 +183,8 @@ def _resume(setup, workdir, resume, template, log) -> dict:
   log(f"resuming after task {resume.task + 1}/{bench.n_tasks} from "
       f"{checkpoint.directory(workdir)}/{resume.task}")
   return {"state": state, "start_task": resume.task + 1,
-          "accuracy": accuracy, "init_accuracy": init_accuracy}
+          "accuracy": accuracy, "init_accuracy": init_accuracy,
+          "lca_curve": lca_curve}
 
 
 def _last_checkpoint(workdir: str, enabled: bool) -> str:

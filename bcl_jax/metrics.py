@@ -94,7 +94,7 @@ def lca(acc_curve, beta: int | None = None) -> float:
   Raises:
     ValueError: for a non-2-D curve or a ``beta`` the curve does not cover.
   """
-  a = np.asarray(acc_curve, dtype=np.float64)
+  a = np.array(acc_curve, dtype=np.float64)  # None (JSON null) -> NaN
   if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
     raise ValueError(f"acc_curve must be a non-empty [tasks, beta+1] array, "
                      f"got shape {a.shape}")
@@ -102,11 +102,18 @@ def lca(acc_curve, beta: int | None = None) -> float:
   if not 0 <= beta < a.shape[1]:
     raise ValueError(f"beta={beta} needs {beta + 1} points per task; "
                      f"acc_curve has {a.shape[1]}")
-  return float(a[:, :beta + 1].mean(axis=1).mean())
+  # Points a short task never reached are NaN and left out.
+  return float(np.nanmean(np.nanmean(a[:, :beta + 1], axis=1)))
 
 
 # The spread of a metric over runs (seeds) is the sample standard deviation.
 STD_DDOF = 1
+
+
+def nan_to_none(a) -> list:
+  """An array as nested lists with NaN as None (valid JSON)."""
+  return [nan_to_none(x) for x in a] if np.ndim(a) else (
+      None if np.isnan(a) else float(a))
 
 
 def mean_std(values) -> tuple[float, float]:

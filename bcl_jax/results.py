@@ -123,7 +123,7 @@ def best_setting(settings: list[dict]) -> int:
 
 
 def build_results(accuracy: np.ndarray, init_acc, runs, timing,
-                  hp_names=()) -> dict:
+                  hp_names=(), lca_curve=None) -> dict:
   """The ``results.json`` payload from a ``[runs, T, T]`` accuracy array.
 
   ``metrics``/``metrics_std``/``accuracy_matrix`` pool every run (kept for
@@ -135,12 +135,16 @@ def build_results(accuracy: np.ndarray, init_acc, runs, timing,
   for r, run in enumerate(runs):
     m = metrics_lib.all_metrics(
         accuracy[r], None if init_acc is None else init_acc[r])
+    if lca_curve is not None:
+      m["lca"] = metrics_lib.lca(lca_curve[r])
     per_run.append({"seed": run.seed,
                     "hp": {k: run.hp[k] for k in (hp_names or run.hp)},
                     "metrics": m,
                     "accuracy_matrix": accuracy[r].tolist(),
                     "init_accuracy": (None if init_acc is None
-                                      else init_acc[r].tolist())})
+                                      else init_acc[r].tolist()),
+                    "lca_curve": (None if lca_curve is None else
+                                  metrics_lib.nan_to_none(lca_curve[r]))})
   keys = per_run[0]["metrics"].keys()
   stats = {k: metrics_lib.mean_std([p["metrics"][k] for p in per_run])
            for k in keys}

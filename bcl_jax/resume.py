@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from bcl_jax import checkpoint
+from bcl_jax import metrics
 from bcl_jax.checkpoint import CheckpointError
 
 # Config fields that do not change what a run computes: a resume may differ
 # from the checkpointed config in these without being refused.
 NON_RESULT_FIELDS = frozenset({
-    "progress", "heatmap",          # display and outputs
+    "progress", "heatmap", "logs", "wandb",  # display and outputs
     "chunk_size",                   # how the scan is cut; same steps, keys
     "eval_batch_size",              # evaluation chunking
     "checkpoint", "keep", "resume_from", "force_resume",
@@ -34,7 +35,8 @@ RNG_NOTE = ("run r: PRNGKey(seed_r); init fold_in(root, 0); task t "
             "default_rng([seed_r, t]); data_seed in config")
 
 
-def task_meta(accuracy, init_accuracy, runs, **extra) -> dict:
+def task_meta(accuracy, init_accuracy, runs, lca_curve=None,
+              **extra) -> dict:
   """The metadata saved with a task's checkpoint."""
   accuracy = np.asarray(accuracy)
   meta = {
@@ -44,6 +46,8 @@ def task_meta(accuracy, init_accuracy, runs, **extra) -> dict:
       "accuracy_dtype": accuracy.dtype.str,
       "init_accuracy": (None if init_accuracy is None
                         else np.asarray(init_accuracy).tolist()),
+      "lca_curve": (None if lca_curve is None
+                    else metrics.nan_to_none(np.asarray(lca_curve))),
       "runs": [{"seed": r.seed, "hp": dict(r.hp)} for r in runs],
       "rng": RNG_NOTE,
   }
@@ -57,6 +61,12 @@ def accuracy_of(meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
   acc = np.asarray(meta["accuracy"], dtype)
   init = meta.get("init_accuracy")
   return acc, None if init is None else np.asarray(init, dtype)
+
+
+def lca_curve_of(meta: dict) -> np.ndarray | None:
+  """``[runs, k+1, lca_batches+1]`` learning curves (NaN: not measured)."""
+  curve = meta.get("lca_curve")
+  return None if curve is None else np.array(curve, np.float64)
 
 
 def config_diff(saved: dict, config) -> list[tuple[str, Any, Any]]:

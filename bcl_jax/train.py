@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcl_jax import evaluation
+from bcl_jax import logs
 from bcl_jax import methods
 from bcl_jax.config import resolve
 from bcl_jax.data.benchmark import Benchmark
@@ -194,59 +196,112 @@ def phase(setup: Setup, t: int) -> Phase:
 
 # -- compiled pieces -------------------------------------------------------
 
-def _chunk_fn(setup: Setup, state, data, index, valid, keys, task):
-  """``chunk_size`` observe steps of every run (leading run axis)."""
-  TRACE_COUNTS["chunk"] += 1
-  observe, axis = setup.method.observe, setup.axis
+def _chunk_fn(setup: Setup, state, data, index, valid, keys, task, pos,
+              tests):
+  """``chunk_size`` observe steps of every run (leading run axis).
 
-  def one_run(s, idx, v, k):
+  ``pos`` (``[chunk]``, shared by the runs) is each step's batch index in
+  the task. With ``lca_batches = beta > 0`` the step first measures the
+  accuracy on the task's test set (``tests``) when ``pos <= beta``: the
+  learning curve after 0..beta batches (LCA); -1 elsewhere.
+
+  Returns:
+    ``(state, metrics, lca)``: the method's metrics per step (``[runs,
+    chunk]`` each; zeros on padding steps) and ``lca`` ``[runs, chunk]``.
+  """
+  TRACE_COUNTS["chunk"] += 1
+  observe, axis, method = setup.method.observe, setup.axis, setup.method
+  beta = lca_batches(setup)
+  class_mask = jnp.asarray(setup.bench.class_mask)
+  eval_bs = int(setup.config.eval_batch_size)
+
+  def curve_point(s, p):
+    if not beta:
+      return jnp.float32(-1)
+
+    def measure(s):
+      x, y, v = (a[task] for a in tests)
+      return evaluation.task_accuracy(
+          method, class_mask, eval_bs, method.prepare_eval(s, task), x, y, v,
+          task).astype(jnp.float32)
+    return jax.lax.cond(p <= beta, measure, lambda s: jnp.float32(-1), s)
+
+  def one_run(s, idx, v, k, p):
+    lca = curve_point(s, p)
     batch = api.Batch(x=data.x[idx], y=data.y[idx], valid=v, task=task,
                       tasks=data.tasks[idx])
     new, m = observe(s, batch, k)
-    return new, m["loss"]
+    return new, (m, lca)
 
   n_runs = index.shape[0]
 
-  def skip_padding(step, s, idx, v, k, zeros):
+  def skip_padding(step, s, idx, v, k, p, zeros):
     # Padding steps (after a task's last batch) are the same for every run,
     # so one un-batched predicate skips them: a real branch, which leaves
     # the state (memories included) untouched instead of selecting
     # between two copies of it.
-    return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k),
+    return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k, p),
                         lambda s: (s, zeros), s)
+
+  def zeros_of(f, *args):
+    out = jax.eval_shape(f, *args)[1]
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
 
   if n_runs == 1 or axis.batching == "map":
     # Each run scans its own chunk; runs (if several) one after another.
     def run_scan(s, index, valid, keys):
+      zeros = zeros_of(one_run, s, index[0], valid[0], keys[0], pos[0])
       def body(s, inp):
-        return skip_padding(one_run, s, *inp, jnp.zeros((), jnp.float32))
-      return jax.lax.scan(body, s, (index, valid, keys))
-    return axis.over_runs(run_scan)(state, index, valid, keys)
+        return skip_padding(one_run, s, *inp, zeros)
+      return jax.lax.scan(body, s, (index, valid, keys, pos))
+    state, (m, lca) = axis.over_runs(run_scan)(state, index, valid, keys)
+    return state, m, lca
 
   # vmap: scan over time, all runs batched inside each step.
-  step = axis.over_runs(one_run)
+  step = axis.over_runs(one_run, (0, 0, 0, 0, None))
+  zeros = zeros_of(step, state, index[:, 0], valid[:, 0], keys[:, 0], pos[0])
 
   def body(s, inp):
-    return skip_padding(step, s, *inp, jnp.zeros((n_runs,), jnp.float32))
+    return skip_padding(step, s, *inp, zeros)
 
-  state, losses = jax.lax.scan(
+  state, (m, lca) = jax.lax.scan(
       body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
-                    jnp.swapaxes(keys, 0, 1)))
-  return state, jnp.swapaxes(losses, 0, 1)
+                    jnp.swapaxes(keys, 0, 1), pos))
+  return state, *jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1),
+                                        (m, lca))
 
 
-def chunk_executable(setup: Setup, state, data, index, valid, keys):
+def lca_batches(setup: Setup) -> int:
+  """``beta`` of the learning curve area (0: off; the joint schedule has
+  no per-task learning curve)."""
+  if setup.spec.schedule != "sequential":
+    return 0
+  return max(0, int(setup.config.get("lca_batches", 0)))
+
+
+def chunk_executable(setup: Setup, state, data, index, valid, keys, pos,
+                     tests):
   """The compiled chunk step for these shapes (compiled on first use;
-  ``state`` is donated): ``f(state, data, index, valid, keys, task)``."""
+  ``state`` is donated): ``f(state, data, index, valid, keys, task, pos,
+  tests)``."""
   return setup.axis.compile(
       "chunk", lambda *a: _chunk_fn(setup, *a), state, data, index, valid,
-      keys, jnp.zeros((), jnp.int32), donate=(0,))
+      keys, jnp.zeros((), jnp.int32), pos, tests, donate=(0,))
 
 
-def run_chunk(setup: Setup, state, data, index, valid, keys, task: int):
-  """One compiled chunk of observe steps; returns ``(state, losses)``."""
-  fn = chunk_executable(setup, state, data, index, valid, keys)
-  return fn(state, data, index, valid, keys, jnp.asarray(task, jnp.int32))
+def run_chunk(setup: Setup, state, data, index, valid, keys, task: int,
+              pos=None, tests=None):
+  """One compiled chunk of observe steps; returns ``(state, metrics,
+  lca)``. ``pos`` defaults to no learning-curve point (``-1``... beyond
+  ``lca_batches``); ``tests`` to the evaluator's test sets."""
+  if pos is None:
+    pos = jnp.full((index.shape[1],), 1 << 30, jnp.int32)
+  if tests is None:
+    tests = Evaluator(setup.method, setup.bench, setup.axis,
+                      int(setup.config.eval_batch_size)).tests
+  fn = chunk_executable(setup, state, data, index, valid, keys, pos, tests)
+  return fn(state, data, index, valid, keys, jnp.asarray(task, jnp.int32),
+            pos, tests)
 
 
 def run_hook(setup: Setup, name: str, state, task: int, data):
@@ -264,6 +319,7 @@ def run_hook(setup: Setup, name: str, state, task: int, data):
 # -- the loop --------------------------------------------------------------
 
 def _progress(total: int, desc: str, enabled: bool):
+  """A tqdm bar (``enabled``: see ``logs.show_progress``)."""
   if not enabled:
     return None
   from tqdm import tqdm
@@ -271,11 +327,20 @@ def _progress(total: int, desc: str, enabled: bool):
               dynamic_ncols=True)
 
 
-def _train_phase(setup: Setup, state, ph: Phase, data, log_prefix: str,
-                 progress: bool):
-  """The chunks of one phase; returns ``(state, seconds, steps, samples)``."""
+@dataclasses.dataclass
+class PhaseResult:
+  seconds: float = 0.0        # training wall time (compilation excluded)
+  steps: int = 0              # observe steps (per run)
+  samples: int = 0            # real samples over all runs
+  curve: np.ndarray | None = None  # [runs, lca_batches + 1] (NaN: none)
+
+
+def _train_phase(setup: Setup, state, ph: Phase, data, tests, *,
+                 desc: str, progress: bool, logger=None, step0: int = 0):
+  """The chunks of one phase; returns ``(state, PhaseResult)``."""
   axis, runs = setup.axis, setup.runs
   chunk = int(setup.config.chunk_size)
+  beta = lca_batches(setup)
   index = np.stack([o[0] for o in ph.order])
   valid = np.stack([o[1] for o in ph.order])
   # Every run sees the same number of batches (only their order differs),
@@ -286,58 +351,78 @@ def _train_phase(setup: Setup, state, ph: Phase, data, log_prefix: str,
   pad = n_chunks * chunk - n_steps
   index = np.pad(index, ((0, 0), (0, pad), (0, 0)))
   valid = np.pad(valid, ((0, 0), (0, pad), (0, 0)))
+  pos = np.arange(n_chunks * chunk, dtype=np.int32)
   keys = jnp.stack([
       jax.random.split(jax.random.fold_in(jax.random.fold_in(
           jax.random.PRNGKey(r.seed), 1), ph.row), n_steps + pad)
       for r in runs])
-  bar = _progress(n_steps, log_prefix, progress)
-  seconds = 0.0
+  curve = np.full((len(runs), beta + 1), np.nan)
+  out = PhaseResult(steps=n_steps, samples=int(valid.sum()))
+  bar = _progress(n_steps, desc, progress)
   try:
     for c in range(n_chunks):
       sl = slice(c * chunk, (c + 1) * chunk)
       args = axis.place_runs((index[:, sl], valid[:, sl], keys[:, sl]))
-      chunk_executable(setup, state, data, *args)  # compiles, untimed
+      p = jnp.asarray(pos[sl])
+      chunk_executable(setup, state, data, *args, p, tests)  # untimed
       start = time.perf_counter()
-      state, losses = run_chunk(setup, state, data, *args, ph.row)
-      losses = np.asarray(losses)  # blocks until the chunk is done
-      seconds += time.perf_counter() - start
-      bad = valid[:, sl].any(-1) & ~np.isfinite(losses)
+      state, metrics, lca = run_chunk(setup, state, data, *args, ph.row, p,
+                                      tests)
+      metrics = jax.tree_util.tree_map(np.asarray, metrics)  # blocks
+      out.seconds += time.perf_counter() - start
+      real = valid[0, sl].any(-1)
+      losses = metrics["loss"]
+      bad = real & ~np.isfinite(losses)
       if bad.any():
         r, k = map(int, np.argwhere(bad)[0])
         raise TrainingError(
             f"non-finite loss ({losses[r, k]}) at task {ph.row}, step "
             f"{c * chunk + k} (run {r}, seed {runs[r].seed}); try a "
             f"smaller lr (now {runs[r].hp.get('lr')})")
+      lca = np.asarray(lca)
+      for k in np.nonzero(real & (pos[sl] <= beta))[0] if beta else ():
+        curve[:, pos[sl][k]] = lca[:, k]
+      if logger is not None:
+        logger.scalars(step0 + min((c + 1) * chunk, n_steps) - 1,
+                       {k: v[:, real].mean(1) for k, v in metrics.items()},
+                       prefix="train", task=ph.row)
       if bar is not None:
         bar.update(min(chunk, n_steps - c * chunk))
   finally:
     if bar is not None:
       bar.close()
-  return state, seconds, n_steps, int(valid.sum())
+  out.curve = curve if beta else None
+  return state, out
 
 
 def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
                        on_task_end=None, state=None, start_task: int = 0,
-                       accuracy=None, init_accuracy=None, log=print) -> dict:
+                       accuracy=None, init_accuracy=None, lca_curve=None,
+                       logger=None, log=print) -> dict:
   """Learns the benchmark phase by phase and evaluates after each.
 
   Args:
     config: the experiment config (see ``bcl_jax.config``).
     bench: the benchmark.
     setup: ``build(config, bench)``, if the caller has it already.
-    on_task_end: optional ``f(task, state, accuracy, init_accuracy)`` called
-      after each phase's evaluation, with ``accuracy`` the ``[runs, task+1,
-      T]`` rows so far (checkpointing hooks in here).
+    on_task_end: optional ``f(task, state, accuracy, init_accuracy,
+      lca_curve)`` called after each phase's evaluation, with ``accuracy``
+      the ``[runs, task+1, T]`` rows so far and ``lca_curve`` the ``[runs,
+      task+1, lca_batches+1]`` learning curves or None (checkpointing hooks
+      in here).
     state: a run-batched state to continue from (resume), with
       ``start_task`` the first phase still to run, ``accuracy`` the
-      ``[runs, start_task, T]`` rows already computed and ``init_accuracy``
-      the untrained model's ``[runs, T]`` accuracies (or None).
+      ``[runs, start_task, T]`` rows already computed, ``init_accuracy``
+      the untrained model's ``[runs, T]`` accuracies (or None) and
+      ``lca_curve`` the curves so far.
+    logger: a ``bcl_jax.logs.MetricLogger`` (per-chunk mean metrics, per-task
+      accuracies and timing), or None.
     log: where one-line progress messages go.
 
   Returns:
     A dict with ``accuracy`` (``[runs, T, T]``), ``init_accuracy``
-    (``[runs, T]`` or None), ``runs``, ``timing``, the final ``state`` and
-    the ``setup``.
+    (``[runs, T]`` or None), ``lca_curve`` (``[runs, T, lca_batches + 1]``
+    or None), ``runs``, ``timing``, the final ``state`` and the ``setup``.
   """
   setup = setup or build(config, bench)
   config, axis = setup.config, setup.axis
@@ -347,35 +432,47 @@ def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
   init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
     init_acc = evaluate(state, -1)
-  # rows[k] is [runs, T]: the evaluation after phase k.
+  # rows[k] is [runs, T]: the evaluation after phase k; curves[k] likewise.
   rows = [] if accuracy is None else list(np.moveaxis(np.asarray(accuracy),
                                                       1, 0))
+  curves = [] if lca_curve is None else list(np.moveaxis(
+      np.asarray(lca_curve), 1, 0))
+  progress = logs.show_progress(config)
+  step = sum(len(o[0]) for k in range(start_task)
+             for o in phase(setup, k).order[:1])
   per_task, train_seconds, total_steps, total_samples = [], 0.0, 0, 0
   for t in range(start_task, n_tasks):
     t_start = time.perf_counter()
     ph = phase(setup, t)
-    task_train, n_steps, samples = 0.0, 0, 0
+    res = PhaseResult()
     if ph.data is not None:
       data = axis.place_shared(ph.data)
       state = run_hook(setup, "begin_task", state, t, data)
-      state, task_train, n_steps, samples = _train_phase(
-          setup, state, ph, data, f"task {t + 1}/{n_tasks}",
-          bool(config.progress))
+      state, res = _train_phase(setup, state, ph, data, evaluate.tests,
+                                desc=f"task {t + 1}/{n_tasks}",
+                                progress=progress, logger=logger, step0=step)
       state = run_hook(setup, "end_task", state, t, data)
     row = evaluate(state, t)
     rows.append(row)
-    train_seconds += task_train
-    total_steps += n_steps * n_runs
-    total_samples += samples
-    per_task.append({"task": t, "train_seconds": task_train,
+    if res.curve is not None:
+      curves.append(res.curve)
+    step += res.steps
+    train_seconds += res.seconds
+    total_steps += res.steps * n_runs
+    total_samples += res.samples
+    per_task.append({"task": t, "train_seconds": res.seconds,
                      "seconds": time.perf_counter() - t_start,
-                     "steps": n_steps, "samples": samples})
+                     "steps": res.steps, "samples": res.samples})
+    if logger is not None:
+      logger.task_end(t, row, {k: v for k, v in per_task[-1].items()
+                               if k != "task"})
     mean_row = row.mean(0)
-    log(f"task {t + 1}/{n_tasks}: {n_steps} steps in {task_train:.2f}s, "
+    log(f"task {t + 1}/{n_tasks}: {res.steps} steps in {res.seconds:.2f}s, "
         f"acc so far {mean_row[:t + 1].mean():.4f} "
         f"[{' '.join(f'{a:.3f}' for a in mean_row)}]")
     if on_task_end is not None:
-      on_task_end(t, state, np.stack(rows, 1), init_acc)
+      on_task_end(t, state, np.stack(rows, 1), init_acc,
+                  np.stack(curves, 1) if curves else None)
   accuracy = np.stack(rows, 1)  # [runs, T, T]
   timing = {
       "train_seconds": train_seconds,
@@ -387,5 +484,6 @@ def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
       "per_task": per_task,
   }
   return {"accuracy": accuracy, "init_accuracy": init_acc,
+          "lca_curve": np.stack(curves, 1) if curves else None,
           "runs": list(axis.runs), "timing": timing, "state": state,
           "setup": setup}
