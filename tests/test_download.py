@@ -426,3 +426,28 @@ def test_pretrained_torchvision_pth(server, tmp_path, monkeypatch):
   with pytest.raises(DataError, match="checksum mismatch"):
     build_model("resnet18", (3, 32, 32), 7, pretrained=server.url(bad))
   assert os.listdir(tmp_path / "cache") == [name]
+
+
+def test_convert_script_reads_pth_without_torch(tmp_path, capsys):
+  import sys
+  from bcl_jax.data import torch_pickle
+  spec = importlib.util.spec_from_file_location(
+      "convert_torchvision_resnet18",
+      os.path.join(REPO, "scripts", "convert_torchvision_resnet18.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  state = {"conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+           "bn1.running_mean": np.array([0.5, -1.0], np.float64),
+           "bn1.num_batches_tracked": np.array(7, np.int64)}
+  pth, out = tmp_path / "w.pth", tmp_path / "w.npz"
+  torch_pickle.save_torch_zip(state, pth)
+  assert script.main(["convert", str(pth), str(out)]) == 0
+  with np.load(out) as got:
+    assert sorted(got.files) == ["bn1.running_mean", "conv1.weight"]
+    np.testing.assert_array_equal(got["conv1.weight"], state["conv1.weight"])
+    assert got["bn1.running_mean"].dtype == np.float32
+  (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+  assert script.main(["convert", str(tmp_path / "junk.pth"), str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: cannot read pretrained")
+  assert "torch" not in sys.modules
