@@ -93,7 +93,8 @@ for b in ${BENCHMARKS}; do
     rotated)
       mnist_benchmark rotated rotated_mnist.py mnist_rotations rotated ;;
     cifar)
-      run_benchmark cifar cifar.py "$(find_data cifar-cl || echo cifar-cl.npz)" ;;
+      run_benchmark cifar cifar.py \
+        "$(find_data cifar-cl || echo cifar-cl.npz)" ;;
     cub)
       run_benchmark cub cub.py "$(find_data cub-cl || echo cub-cl.npz)" \
         ${CUB_WEIGHTS[@]+"${CUB_WEIGHTS[@]}"} ;;

@@ -387,7 +387,8 @@ def test_pretrained_torchvision_pth(server, tmp_path, monkeypatch):
     leaf = template[coll]
     for p in path:
       leaf = leaf[p]
-    shape = resnet._torch_shape(tuple(leaf.shape))  # pylint: disable=protected-access
+    shape = resnet._torch_shape(  # pylint: disable=protected-access
+        tuple(leaf.shape))
     state[name_] = rng.standard_normal(shape).astype(np.float32)
     if name_.endswith("running_var"):
       state[name_.replace("running_var", "num_batches_tracked")] = np.array(

@@ -10,8 +10,9 @@ Sources, picked by :func:`read_cifar100` from the path given:
   by :mod:`bcl_jax.data.torch_pickle`);
 - ``tfds:DIR``, a TensorFlow Datasets data dir holding ``cifar100`` (needs the
   ``tfds`` extra, not TensorFlow: read through ``tfds.data_source``); TFDS
-  images are HWC and are reordered to the pickle's channel-major flat layout. TFDS stores the examples in its own shuffled
-  order, so task contents match the other sources but sample order does not.
+  images are HWC and are reordered to the pickle's channel-major flat layout.
+  TFDS stores the examples in its own shuffled order, so task contents match
+  the other sources but sample order does not.
 
 :func:`build_cifar100` then applies the split of :mod:`bcl_jax.data.images`:
 classes relabelled by ``torch_randperm(100, seed)`` (exactly the reference's

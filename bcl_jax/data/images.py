@@ -346,7 +346,8 @@ def tfds_examples(name: str, split: str, data_dir: str | None,
     import tensorflow  # noqa: F401  pylint: disable=unused-import
   except ImportError:
     raise DataError(f"{where}: TFDS cannot read {name}/{split} without "
-                    f"TensorFlow ({str(first).splitlines()[0][:200]}); build it "
+                    f"TensorFlow ({str(first).splitlines()[0][:200]}); build "
+                    "it "
                     f"as ArrayRecord with `tfds build {name} "
                     f"--file_format=array_record`, or {fix}") from None
   try:
