@@ -24,6 +24,8 @@ Samples keep ``images.txt`` order (image id). The split is the one of
 from __future__ import annotations
 
 import os
+import tarfile
+from typing import Any
 
 import numpy as np
 
@@ -132,6 +134,24 @@ def read_cub_tfds(data_dir: str | None, size: int = 224,
   return tuple(out)
 
 
+def _extract_member(tar: Any, member: Any, dest: str, path: str) -> None:
+  """Extracts one regular file or folder of ``tar`` safely under ``dest``."""
+  if hasattr(tarfile, "data_filter"):
+    # The 'data' filter refuses absolute paths, links out of the folder and
+    # device files.
+    tar.extract(member, dest, filter="data")
+    return
+  # Pythons without extraction filters: only plain files and folders with
+  # relative names that stay inside ``dest``.
+  target = os.path.realpath(os.path.join(dest, member.name))
+  if (not (member.isfile() or member.isdir()) or os.path.isabs(member.name)
+      or not target.startswith(os.path.realpath(dest) + os.sep)):
+    raise DataError(f"{path}: refusing member {member.name!r} (a link, "
+                    "device or path outside the archive's folder); is this "
+                    f"CUB_200_2011.tgz from {CUB_URL}?")
+  tar.extract(member, dest)
+
+
 def read_cub_archive(path: str, size: int = 224,
                      progress_bar: bool = True) -> Arrays:
   """Reads the official ``CUB_200_2011.tgz``.
@@ -140,7 +160,6 @@ def read_cub_archive(path: str, size: int = 224,
   for the real one), read, and the folder is removed whatever happens.
   """
   import shutil
-  import tarfile
   import tempfile
   folder = os.path.dirname(os.path.abspath(path))
   tmp = tempfile.mkdtemp(prefix=".cub-extract-", dir=folder)
@@ -151,9 +170,7 @@ def read_cub_archive(path: str, size: int = 224,
         for m in images.progress(members, total=len(members),
                                  desc="extracting CUB", enabled=progress_bar,
                                  unit="file"):
-          # The 'data' filter refuses absolute paths, links out of the
-          # folder and device files.
-          tar.extract(m, tmp, filter="data")
+          _extract_member(tar, m, tmp, path)
     except (tarfile.TarError, OSError, EOFError) as e:
       raise DataError(f"{path}: not a readable tar archive ({e}); "
                       f"re-download CUB_200_2011.tgz from {CUB_URL}") from None
