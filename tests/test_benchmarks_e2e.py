@@ -260,9 +260,11 @@ def test_configs_paper_values_and_variants(name, tmp_path):
   if name != "rotated_mnist":
     assert c.data_file == f"{name}-cl.npz"
     assert val.data_file == f"{name}-val.npz"
-    # A missing file says how to make it.
+    # A missing file says how to make it (download=False: no network here).
     with pytest.raises(Exception, match=r"no such file.*prepare_data\.py "):
-      load_benchmark(_config(name, "val,quick", data_path=str(tmp_path)))
+      load_benchmark(_config(name, "val,quick", data_path=str(tmp_path),
+                             download=False))
+    assert c.download and not (c.data_url or c.data_md5 or c.data_sha256)
   with pytest.raises(ValueError, match="unknown variant"):
     _config(name, "nope")
 
@@ -273,28 +275,64 @@ def _env():
   return env
 
 
-def test_run_sh_skips_missing_data(tmp_path):
+def test_run_sh_embedded_mnist_and_missing_data(tmp_path):
+  """No files at all: MNIST runs on the embedded digits, CIFAR (download
+  off) fails naming the prepare command, mini is skipped; exit status 1."""
   data = tmp_path / "data"
   data.mkdir()
-  _prepare("permuted", "--source", "embedded", "--n-tasks", "2", "--out",
-           str(data / "mnist_permutations.npz"))
   env = _env()
   env.update(DATA=str(data), RESULTS=str(tmp_path / "results"),
-             PYTHON=sys.executable, BENCHMARKS="mnist cifar")
+             PYTHON=sys.executable, BENCHMARKS="mnist cifar mini")
   proc = subprocess.run(
       ["bash", os.path.join(REPO, "scripts", "run.sh"), "--config.use=50",
-       "--config.progress=False", "--config.heatmap=False",
-       "--config.checkpoint=False"],
+       "--config.n_tasks=2", "--config.progress=False",
+       "--config.heatmap=False", "--config.checkpoint=False",
+       "--config.download=False"],
       env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 1, proc.stderr
-  assert "skipping cifar" in proc.stderr
+  assert "using 20 tasks of the embedded digits" in proc.stdout
   assert "prepare_data.py cifar100" in proc.stderr
-  runs = os.listdir(tmp_path / "results")
-  assert len(runs) == 1 and runs[0].startswith("mnist-bcl_dual-")
-  res = json.loads((tmp_path / "results" / runs[0] / "results.json")
+  assert "error: failed: cifar" in proc.stderr
+  assert "skipping mini" in proc.stderr and "mini-imagenet-cache" in \
+      proc.stderr
+  runs = sorted(os.listdir(tmp_path / "results"))
+  assert [r.split("-")[0] for r in runs] == ["cifar", "mnist"]
+  mnist = [r for r in runs if r.startswith("mnist-bcl_dual-")][0]
+  res = json.loads((tmp_path / "results" / mnist / "results.json")
                    .read_text())
-  assert np.asarray(res["accuracy_matrix"]).shape == (2, 2)  # n_tasks=0: all
+  assert np.asarray(res["accuracy_matrix"]).shape == (2, 2)
+  assert res["benchmark"]["input_shape"] == [784]
   assert "ACC" in proc.stdout
+  assert os.listdir(data) == []  # nothing downloaded or half-written
+
+
+def test_prepare_permuted_uint8_creates_folder(tmp_path):
+  out = tmp_path / "new" / "dir" / "mnist_permutations.npz"
+  _prepare("permuted", "--source", "embedded", "--n-tasks", "3", "--out",
+           str(out))
+  got = npz.load_npz(out)
+  ref = load_benchmark(_config("mnist", "", n_tasks=3, data_file=""))
+  for tg, tr in zip(got.tasks, ref.tasks):
+    assert tg.x_train.dtype == np.uint8
+    # The digits themselves: float x == uint8 / 255 exactly (numpy).
+    np.testing.assert_array_equal(tg.x_train.astype(np.float32) / 255,
+                                  tr.x_train)
+    np.testing.assert_array_equal(tg.y_test, tr.y_test)
+  # 4,000 + 1,000 digits x 784 bytes x 3 tasks, plus a little zip overhead.
+  assert 3 * 5000 * 784 < os.path.getsize(out) < 3 * 5000 * 784 * 1.01
+  rot = tmp_path / "rot.npz"
+  _prepare("rotated", "--source", "embedded", "--n-tasks", "2", "--out",
+           str(rot))
+  ref = load_benchmark(_config("rotated_mnist", "", n_tasks=2,
+                               data_file=""))
+  got = npz.load_npz(rot)
+  assert got.tasks[1].x_test.dtype == np.uint8
+  diff = np.abs(got.tasks[1].x_test / 255 - ref.tasks[1].x_test)
+  assert diff.max() <= 0.5 / 255 + 1e-7  # rounded to the nearest level
+  _prepare("rotated", "--source", "embedded", "--n-tasks", "2", "--out",
+           str(rot), "--dtype", "float32")
+  np.testing.assert_array_equal(npz.load_npz(rot).tasks[1].x_test,
+                                ref.tasks[1].x_test)
 
 
 def test_grid_val_cross_validation(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcl_jax.data import cifar, cub, images, mini
+from bcl_jax.data import cifar, cub, images, mini, prepare
 from bcl_jax.data.errors import DataError
 
 HAVE_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
@@ -300,17 +300,48 @@ def test_tfds_missing_says_how_to_install(tmp_path):
       read(f"tfds:{tmp_path}")
 
 
+def test_images_imports_no_reader():
+  """images.py is what cifar/cub/mini share: it must not import them."""
+  import ast
+  tree = ast.parse(open(images.__file__, encoding="utf-8").read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom):
+      names |= {node.module or ""} | {f"{node.module}.{a.name}"
+                                      for a in node.names}
+    elif isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+  for reader in ("cifar", "cub", "mini", "prepare"):
+    assert not any(n.endswith(f"data.{reader}") for n in names), names
+
+
 @pytest.mark.skipif(not HAVE_TFDS, reason="needs tensorflow_datasets (the "
                     "tfds extra)")
 def test_tfds_cifar_and_cub_mock():
+  """TFDS without TensorFlow: tfds.data_source over mock ArrayRecord data."""
+  import sys
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=40):
+    ref = tfds.data_source("cifar100", split="train")
     x_tr, y_tr, x_te, y_te = cifar.read_cifar100("tfds:", progress_bar=False)
     assert x_tr.shape == (40, 3072) and x_tr.dtype == np.uint8
     assert y_te.shape == (40,) and y_te.max() < 100
+    for k in (0, 17, 39):  # HWC -> the pickle's channel-major rows
+      img = np.asarray(ref[k]["image"])
+      np.testing.assert_array_equal(x_tr[k].reshape(3, 32, 32),
+                                    img.transpose(2, 0, 1))
+      assert y_tr[k] == int(ref[k]["label"])
+    birds = tfds.data_source("caltech_birds2011", split="test")
     x_tr, y_tr, x_te, y_te = cub.read_cub("tfds:", size=16,
                                           progress_bar=False)
     assert x_tr.shape == (40, 3, 16, 16) and y_tr.max() < 200
+    from PIL import Image
+    img = np.asarray(birds[3]["image"])
+    want = np.asarray(Image.fromarray(img).resize((16, 16), Image.BILINEAR))
+    np.testing.assert_array_equal(x_te[3], want.transpose(2, 0, 1))
+    np.testing.assert_array_equal(
+        y_te, [int(birds[k]["label"]) for k in range(len(birds))])
+  assert "tensorflow" not in sys.modules
 
 
 # -------------------------------------------------------------------- CUB --
@@ -361,6 +392,19 @@ def test_cub_folder(cub_src):
     assert np.abs(centre - np.array([col for _, col in exp])).max() <= 4
 
 
+def test_cub_tgz_reads_like_the_folder(cub_src, tmp_path):
+  root, _ = cub_src
+  tgz = tmp_path / "CUB_200_2011.tgz"
+  with tarfile.open(tgz, "w:gz") as tar:
+    tar.add(root, arcname="CUB_200_2011")
+  want = cub.read_cub(root, size=6, progress_bar=False)
+  for src in (tgz, tmp_path):
+    got = cub.read_cub(src, size=6, progress_bar=False)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+  assert os.listdir(tmp_path) == ["CUB_200_2011.tgz"]  # extraction removed
+
+
 def test_cub_split(cub_src):
   root, expected = cub_src
   val, cl = cub.build_cub(root, seed=1, size=4, progress_bar=False)
@@ -382,8 +426,14 @@ def test_cub_errors(tmp_path, cub_src):
     cub.read_cub(tmp_path)
   tgz = tmp_path / "CUB_200_2011.tgz"
   tgz.write_bytes(b"")
-  with pytest.raises(DataError, match="extract the archive first"):
+  with pytest.raises(DataError, match="not a readable tar archive"):
     cub.read_cub(tgz)
+  assert os.listdir(tmp_path) == ["CUB_200_2011.tgz"]  # no extraction left
+  other = tmp_path / "other.tgz"
+  with tarfile.open(other, "w:gz") as tar:
+    tar.add(cub_src[0] / "images.txt", arcname="images.txt")
+  with pytest.raises(DataError, match="holds no CUB_200_2011/images.txt"):
+    cub.read_cub(other)
   bad = tmp_path / "bad"
   bad.mkdir()
   root, _ = cub_src
@@ -495,7 +545,7 @@ def test_mini_errors(tmp_path, mini_caches):
 def test_cli_subcommands(cifar_src, cub_src, mini_caches, tmp_path):
   npz = pytest.importorskip("bcl_jax.data.npz")
   parser = argparse.ArgumentParser()
-  images.add_subcommands(parser.add_subparsers(dest="command"))
+  prepare.add_subcommands(parser.add_subparsers(dest="command"))
   out = tmp_path / "out"
   runs = [
       (["cifar100", "--source", str(cifar_src[2])], "cifar",

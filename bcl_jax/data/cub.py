@@ -2,7 +2,8 @@
 
 Sources:
 
-- the extracted official ``CUB_200_2011`` folder (``images.txt``,
+- the official ``CUB_200_2011.tgz`` (extracted to a temporary folder), or
+  the extracted ``CUB_200_2011`` folder (``images.txt``,
   ``image_class_labels.txt``, ``train_test_split.txt``,
   ``images/<class>/<file>.jpg``) from the Caltech-UCSD Birds-200-2011 page,
   https://www.vision.caltech.edu/datasets/cub_200_2011/ (the official
@@ -23,6 +24,8 @@ Samples keep ``images.txt`` order (image id). The split is the one of
 from __future__ import annotations
 
 import os
+import tarfile
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +35,9 @@ from bcl_jax.data import images
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 _FIX = ("download CUB_200_2011.tgz from the Caltech-UCSD Birds-200-2011 "
-        f"page {CUB_URL}, extract it and pass the CUB_200_2011 folder (with "
-        "images.txt, image_class_labels.txt, train_test_split.txt, images/), "
-        "or tfds:DIR for a TFDS data dir holding caltech_birds2011")
+        f"page {CUB_URL} and pass it, or the CUB_200_2011 folder it extracts "
+        "to (with images.txt, image_class_labels.txt, train_test_split.txt, "
+        "images/), or tfds:DIR for a TFDS data dir holding caltech_birds2011")
 _META = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -101,42 +104,92 @@ def read_cub_tfds(data_dir: str | None, size: int = 224,
   """Reads ``caltech_birds2011`` from a TFDS data dir (no download)."""
   from PIL import Image
   where = data_dir or "the default TFDS data dir"
-  tfds = images.tfds_module(where)
   out = []
   for split in ("train", "test"):
-    try:
-      ds = tfds.load("caltech_birds2011", split=split, data_dir=data_dir,
-                     download=False)
-    except Exception as e:  # TFDS raises many types for a missing dataset.
-      raise DataError(f"{where}: TFDS cannot load caltech_birds2011/{split} "
-                      f"({e}); run tfds build caltech_birds2011 for that data "
-                      f"dir, or pass the CUB_200_2011 folder from {CUB_URL}"
-                      ) from None
-    xs, ys = [], []
-    for ex in images.progress(tfds.as_numpy(ds), desc=f"cub {split}",
+    n, examples = images.tfds_examples(
+        "caltech_birds2011", split, data_dir,
+        f"pass the CUB_200_2011 folder from {CUB_URL}")
+    x = np.empty((n, 3, size, size), np.uint8)
+    y = np.empty((n,), np.int64)
+    k = 0
+    for ex in images.progress(examples, total=n, desc=f"cub {split}",
                               enabled=progress_bar, unit="img"):
       img = np.asarray(ex["image"])
       if img.ndim == 2:
         img = img[..., None]
-      if img.shape[-1] == 1:
+      if img.ndim != 3 or k >= n:
+        raise DataError(f"{where}: a caltech_birds2011/{split} image has "
+                        f"shape {img.shape}, expected [H, W, C]")
+      if img.shape[-1] == 1:  # grey-scale -> RGB, as decode_image does
         img = np.repeat(img, 3, axis=-1)
       im = Image.fromarray(img[..., :3].astype(np.uint8))
       if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
-      xs.append(np.asarray(im).transpose(2, 0, 1))
-      ys.append(int(ex["label"]))
-    if not xs:
+      x[k] = np.asarray(im).transpose(2, 0, 1)
+      y[k] = int(ex["label"])
+      k += 1
+    if not k:
       raise DataError(f"{where}: caltech_birds2011/{split} is empty")
-    out += [np.stack(xs), np.array(ys, np.int64)]
+    out += [x[:k], y[:k]]
   return tuple(out)
+
+
+def _extract_member(tar: Any, member: Any, dest: str, path: str) -> None:
+  """Extracts one regular file or folder of ``tar`` safely under ``dest``."""
+  if hasattr(tarfile, "data_filter"):
+    # The 'data' filter refuses absolute paths, links out of the folder and
+    # device files.
+    tar.extract(member, dest, filter="data")
+    return
+  # Pythons without extraction filters: only plain files and folders with
+  # relative names that stay inside ``dest``.
+  target = os.path.realpath(os.path.join(dest, member.name))
+  if (not (member.isfile() or member.isdir()) or os.path.isabs(member.name)
+      or not target.startswith(os.path.realpath(dest) + os.sep)):
+    raise DataError(f"{path}: refusing member {member.name!r} (a link, "
+                    "device or path outside the archive's folder); is this "
+                    f"CUB_200_2011.tgz from {CUB_URL}?")
+  tar.extract(member, dest)
+
+
+def read_cub_archive(path: str, size: int = 224,
+                     progress_bar: bool = True) -> Arrays:
+  """Reads the official ``CUB_200_2011.tgz``.
+
+  The archive is extracted into a temporary folder beside it (about 1.2 GB
+  for the real one), read, and the folder is removed whatever happens.
+  """
+  import shutil
+  import tempfile
+  folder = os.path.dirname(os.path.abspath(path))
+  tmp = tempfile.mkdtemp(prefix=".cub-extract-", dir=folder)
+  try:
+    try:
+      with tarfile.open(path, "r:*") as tar:
+        members = tar.getmembers()
+        for m in images.progress(members, total=len(members),
+                                 desc="extracting CUB", enabled=progress_bar,
+                                 unit="file"):
+          _extract_member(tar, m, tmp, path)
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise DataError(f"{path}: not a readable tar archive ({e}); "
+                      f"re-download CUB_200_2011.tgz from {CUB_URL}") from None
+    inner = os.path.join(tmp, "CUB_200_2011")
+    if not os.path.isfile(os.path.join(inner, "images.txt")):
+      raise DataError(f"{path}: holds no CUB_200_2011/images.txt; is this "
+                      f"CUB_200_2011.tgz from {CUB_URL}?")
+    return read_cub_folder(inner, size, progress_bar)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_cub(source: str | os.PathLike, size: int = 224,
              progress_bar: bool = True) -> Arrays:
-  """Reads CUB-200-2011 from the official folder or ``tfds:DIR``.
+  """Reads CUB-200-2011 from the archive, the folder or ``tfds:DIR``.
 
   A folder without ``images.txt`` is searched for a ``CUB_200_2011``
-  subfolder, then for a TFDS ``caltech_birds2011`` subfolder.
+  subfolder, then ``CUB_200_2011.tgz``, then a TFDS ``caltech_birds2011``
+  subfolder.
 
   Raises:
     DataError: missing or malformed source, saying what to put where.
@@ -148,13 +201,15 @@ def read_cub(source: str | os.PathLike, size: int = 224,
     raise DataError(f"{path}: not found; {_FIX}")
   if os.path.isfile(path):
     if path.endswith((".tgz", ".tar.gz", ".tar")):
-      raise DataError(f"{path}: extract the archive first (tar xzf) and pass "
-                      "the CUB_200_2011 folder it creates")
+      return read_cub_archive(path, size, progress_bar)
     raise DataError(f"{path}: is a file, not the CUB_200_2011 folder; {_FIX}")
   if os.path.isfile(os.path.join(path, "images.txt")):
     return read_cub_folder(path, size, progress_bar)
   if os.path.isdir(os.path.join(path, "CUB_200_2011")):
     return read_cub(os.path.join(path, "CUB_200_2011"), size, progress_bar)
+  if os.path.isfile(os.path.join(path, "CUB_200_2011.tgz")):
+    return read_cub_archive(os.path.join(path, "CUB_200_2011.tgz"), size,
+                            progress_bar)
   if os.path.isdir(os.path.join(path, "caltech_birds2011")):
     return read_cub_tfds(path, size, progress_bar)
   raise DataError(f"{path}: holds no images.txt; {_FIX}")

@@ -1,7 +1,8 @@
 """Split image benchmarks (CIFAR-100, CUB-200-2011, miniImageNet): shared parts.
 
 The readers live in ``cifar.py``, ``cub.py`` and ``mini.py``; this module
-holds what they share and the ``prepare_data.py`` subcommands.
+holds what they share (and imports none of them: the ``prepare_data.py``
+subcommands that do live in :mod:`bcl_jax.data.prepare`).
 
 Split convention (the reference's ``data/cifar100.py``, spec section 10,
 applied to all three datasets):
@@ -28,7 +29,6 @@ scales them to ``[0, 1]`` on device, which equals the reference's
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -317,85 +317,51 @@ def tfds_module(where: str) -> Any:
   return tfds
 
 
+def tfds_examples(name: str, split: str, data_dir: str | None,
+                  fix: str) -> tuple[int, Iterable[dict[str, Any]]]:
+  """``(count, examples)`` of a prepared TFDS dataset, without TensorFlow.
+
+  Reads through ``tfds.data_source`` (random access to ArrayRecord files,
+  no TensorFlow needed). A dataset built in the older TFRecord format needs
+  ``tfds.load`` and so TensorFlow; that is used when TensorFlow is installed.
+
+  Args:
+    name: TFDS name, e.g. ``cifar100``.
+    split: ``train`` or ``test``.
+    data_dir: TFDS data dir, ``None`` for TFDS's default.
+    fix: what else the user can do, appended to errors.
+
+  Raises:
+    DataError: tensorflow_datasets missing, or the dataset not prepared.
+  """
+  where = data_dir or "the default TFDS data dir"
+  tfds = tfds_module(where)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir,
+                              download=False)
+    return len(source), (source[i] for i in range(len(source)))
+  except Exception as e:  # TFDS raises many types for a missing dataset.
+    first = e
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=unused-import
+  except ImportError:
+    raise DataError(f"{where}: TFDS cannot read {name}/{split} without "
+                    f"TensorFlow ({str(first).splitlines()[0][:200]}); build "
+                    "it "
+                    f"as ArrayRecord with `tfds build {name} "
+                    f"--file_format=array_record`, or {fix}") from None
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
+    return int(ds.cardinality()), tfds.as_numpy(ds)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"{where}: TFDS cannot load {name}/{split} "
+                    f"({str(e).splitlines()[0][:200]}); run `tfds build "
+                    f"{name}` for that data dir, or {fix}") from None
+
+
 def split_tfds_source(source: str | os.PathLike) -> tuple[bool, str | None]:
   """``tfds:DIR`` -> ``(True, DIR)``; ``tfds:`` -> ``(True, None)``."""
   s = os.fspath(source)
   if s.startswith("tfds:"):
     return True, (s[len("tfds:"):] or None)
   return False, s
-
-
-# -------------------------------------------------------------------- CLI --
-
-
-def _save(benchmarks: Sequence[Benchmark], out_dir: str) -> None:
-  """Writes ``<out_dir>/<benchmark.name>.npz`` for each benchmark."""
-  from bcl_jax.data.npz import save_npz
-  os.makedirs(out_dir, exist_ok=True)
-  for b in benchmarks:
-    path = os.path.join(out_dir, f"{b.name}.npz")
-    print(f"writing {path} ({b.n_tasks} tasks, {b.n_outputs} outputs, "
-          f"input {b.input_shape} {b.tasks[0].x_train.dtype})", flush=True)
-    save_npz(b, path)
-
-
-def _run_cifar100(args: argparse.Namespace) -> None:
-  from bcl_jax.data.cifar import build_cifar100
-  _save(build_cifar100(args.source, seed=args.seed,
-                       progress_bar=not args.quiet), args.out_dir)
-
-
-def _run_cub(args: argparse.Namespace) -> None:
-  from bcl_jax.data.cub import build_cub
-  _save(build_cub(args.source, seed=args.seed, size=args.size,
-                  progress_bar=not args.quiet), args.out_dir)
-
-
-def _run_mini(args: argparse.Namespace) -> None:
-  from bcl_jax.data.mini import build_mini
-  _save(build_mini(args.source, seed=args.seed, size=args.size,
-                   n_train_per_class=args.train_per_class,
-                   progress_bar=not args.quiet), args.out_dir)
-
-
-def _common_args(p: argparse.ArgumentParser, source_help: str) -> None:
-  p.add_argument("--source", required=True, help=source_help)
-  p.add_argument("--out-dir", default="data",
-                 help="folder for <name>-val.npz and <name>-cl.npz "
-                 "(default: data)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the class permutation, as the reference's "
-                 "torch.manual_seed (default: 0)")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_subcommands(subparsers: Any) -> None:
-  """Adds ``cifar100``, ``cub`` and ``mini`` to a ``prepare_data`` parser.
-
-  Each subcommand sets ``func`` to a function of the parsed arguments that
-  writes ``<out-dir>/<name>-val.npz`` and ``<name>-cl.npz`` and returns None.
-  """
-  p = subparsers.add_parser(
-      "cifar100", help="Split CIFAR-100 -> cifar-val.npz, cifar-cl.npz")
-  _common_args(p, "cifar-100-python.tar.gz, the extracted cifar-100-python "
-               "folder, GEM's raw cifar100.pt, or tfds:DIR (a TFDS data dir)")
-  p.set_defaults(func=_run_cifar100)
-
-  p = subparsers.add_parser(
-      "cub", help="Split CUB-200-2011 -> cub-val.npz, cub-cl.npz")
-  _common_args(p, "the extracted CUB_200_2011 folder, or tfds:DIR")
-  p.add_argument("--size", type=int, default=224,
-                 help="output height and width (default: 224)")
-  p.set_defaults(func=_run_cub)
-
-  p = subparsers.add_parser(
-      "mini", help="Split miniImageNet -> mini-val.npz, mini-cl.npz")
-  _common_args(p, "a folder with mini-imagenet-cache-{train,val,test}.pkl, "
-               "or a folder of class subfolders of images")
-  p.add_argument("--size", type=int, default=84,
-                 help="output height and width (default: 84)")
-  p.add_argument("--train-per-class", type=int, default=500,
-                 help="the first N images of each class train, the rest "
-                 "test (default: 500)")
-  p.set_defaults(func=_run_mini)
-

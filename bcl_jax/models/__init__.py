@@ -71,6 +71,12 @@ def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,
   ``"auto"`` picks the reference's choice from the input shape: the MLP for
   flat inputs of 784, the reduced ResNet-18 for 32x32 / 84x84 images, the full
   ResNet-18 for 224x224.
+
+  ``pretrained`` (``resnet18`` only): ``''`` (random init), a ``.npz`` from
+  ``scripts/convert_torchvision_resnet18.py``, a torchvision ``.pth``,
+  ``"torchvision"`` (the ImageNet weights, downloaded once and checked) or
+  a URL of such a ``.pth``; see
+  :func:`bcl_jax.data.download.resolve_pretrained`.
   """
   from bcl_jax.models import mlp  # local: keeps import cheap for data tools
   if name == "auto":
@@ -92,10 +98,13 @@ def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,
     from bcl_jax.models import resnet
     model = resnet.make_resnet(name, input_shape, n_outputs)
     if pretrained:
+      # "torchvision" / a URL are fetched now, once, not in every init.
+      from bcl_jax.data.download import resolve_pretrained
+      path = resolve_pretrained(pretrained)
       base_init = model.init
 
       def init(key):
-        return resnet.load_pretrained_npz(base_init(key), pretrained)
+        return resnet.load_pretrained(base_init(key), path)
       model = model._replace(init=init)
     return model
   raise ValueError(f"unknown model {name!r}; choose one of "

@@ -516,7 +516,54 @@ def load_pretrained_npz(variables: Variables, path: str) -> Variables:
       arrays = {k: npz[k] for k in npz.files}
   except Exception as e:  # a zip / npy format error of any kind
     raise ValueError(f"cannot read pretrained weights {path!r}: {e}") from e
+  return load_pretrained_arrays(variables, arrays, path)
 
+
+def read_torchvision_pth(path: str) -> dict[str, np.ndarray]:
+  """A torchvision ``.pth`` state dict -> float32 arrays, without torch.
+
+  Read by :func:`bcl_jax.data.torch_pickle.load_torch` (a pickle
+  allow-list, nothing executed); a ``{"state_dict": ...}`` checkpoint is
+  unwrapped and ``num_batches_tracked`` counters are dropped.
+
+  Raises:
+    ValueError: not a torch file, or not a dict of arrays.
+  """
+  from bcl_jax.data.errors import DataError
+  from bcl_jax.data.torch_pickle import load_torch
+  if not os.path.isfile(path):
+    raise ValueError(f"pretrained weights file {path!r} does not exist")
+  try:
+    obj = load_torch(path)
+  except DataError as e:
+    raise ValueError(f"cannot read pretrained weights {path!r}: {e}") from None
+  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    raise ValueError(f"pretrained weights {path!r} hold a "
+                     f"{type(obj).__name__}, expected a state dict")
+  out = {}
+  for key, value in obj.items():
+    if str(key).endswith("num_batches_tracked"):
+      continue
+    if not isinstance(value, np.ndarray):
+      raise ValueError(f"pretrained weights {path!r}: {key!r} is a "
+                       f"{type(value).__name__}, expected a tensor")
+    out[str(key)] = value.astype(np.float32)
+  return out
+
+
+def load_pretrained(variables: Variables, path: str) -> Variables:
+  """:func:`load_pretrained_npz` for ``.npz``, torchvision ``.pth`` too."""
+  if path.endswith((".pth", ".pt")):
+    return load_pretrained_arrays(variables, read_torchvision_pth(path), path)
+  return load_pretrained_npz(variables, path)
+
+
+def load_pretrained_arrays(variables: Variables,
+                           arrays: dict[str, np.ndarray],
+                           path: str) -> Variables:
+  """The body of :func:`load_pretrained_npz` on arrays already read."""
   names = torchvision_names(variables)
   wanted = {k for k in names if not k.startswith("fc.")}
   given = {k for k in arrays
