@@ -132,6 +132,30 @@ def apply_variants(c: ml_collections.ConfigDict, variant: str, name: str,
   return c
 
 
+def split_benchmark(name: str, variant: str, *, bcl_dual: dict,
+                    quick: dict, **fields) -> ml_collections.ConfigDict:
+  """The config of a split image benchmark (``<name>-cl.npz``, every task).
+
+  Args:
+    name: ``cifar``, ``cub`` or ``mini``: the data files' stem.
+    variant: ``val`` (the cross-validation tasks, ``<name>-val.npz``),
+      ``quick`` (a smoke run: ``quick``'s fields and small memories for any
+      method), or both joined by ``,``.
+    bcl_dual: the paper's BCL-Dual values for this benchmark (its preset).
+    quick: the smoke variant's loop fields.
+    **fields: the benchmark's other fields (model, evaluation, ...).
+  """
+  c = default_config()
+  c.data_file = f"{name}-cl.npz"
+  c.n_tasks = 0  # every task of the file
+  c.presets.bcl_dual = bcl_dual
+  c.update(fields)
+  return apply_variants(
+      c, variant, f"configs/{name}.py", val=dict(data_file=f"{name}-val.npz"),
+      quick=dict(quick, presets={"all": dict(n_memories=20,
+                                             replay_batch_size=16)}))
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """``get_config(variant)`` of a config file given as ``FILE[:variant]``.
 

@@ -21,20 +21,13 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 2 tasks of 50 samples, small memories, for a smoke run.
 """
 
-from bcl_jax.config import apply_variants, default_config
+from bcl_jax.config import split_benchmark
 
 
 def get_config(variant: str = ""):
-  c = default_config()
-  c.data_path = "data/"
-  c.data_file = "cifar-cl.npz"
-  c.n_tasks = 0  # every task of the file
-  # The paper's BCL-Dual values (the other methods' defaults apply as is).
-  c.presets.bcl_dual = dict(lr=0.3, beta=0.1, inner_steps=2, n_meta=1, n_memories=65)
-  c.model = "auto"  # -> resnet18_reduced for flat 3072 inputs
-  c.eval_batch_size = 500  # a CIFAR task's test set
-  return apply_variants(
-      c, variant, "configs/cifar.py",
-      val=dict(data_file="cifar-val.npz"),
-      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=100,
-                 presets={"all": dict(n_memories=20, replay_batch_size=16)}))
+  return split_benchmark(
+      "cifar", variant,
+      bcl_dual=dict(lr=0.3, beta=0.1, inner_steps=2, n_meta=1, n_memories=65),
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=100),
+      model="auto",          # -> resnet18_reduced for flat 3072 inputs
+      eval_batch_size=500)   # a CIFAR task's test set

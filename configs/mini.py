@@ -20,21 +20,13 @@ Variants (comma-separated, e.g. ``:val,quick``):
   ``quick``: 2 tasks of 50 samples, small memories, for a smoke run.
 """
 
-from bcl_jax.config import apply_variants, default_config
+from bcl_jax.config import split_benchmark
 
 
 def get_config(variant: str = ""):
-  c = default_config()
-  c.data_path = "data/"
-  c.data_file = "mini-cl.npz"
-  c.n_tasks = 0
-  # The paper's BCL-Dual values (the other methods' defaults apply as is).
-  c.presets.bcl_dual = dict(lr=0.05, beta=0.1, inner_steps=2, n_meta=1, n_memories=65)
-  c.model = "auto"  # -> resnet18_reduced for 3x84x84 inputs
-  c.eval_batch_size = 100
-  c.chunk_size = 50
-  return apply_variants(
-      c, variant, "configs/mini.py",
-      val=dict(data_file="mini-val.npz"),
-      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=50,
-                 presets={"all": dict(n_memories=20, replay_batch_size=16)}))
+  return split_benchmark(
+      "mini", variant,
+      bcl_dual=dict(lr=0.05, beta=0.1, inner_steps=2, n_meta=1, n_memories=65),
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=50),
+      model="auto",          # -> resnet18_reduced for 3x84x84 inputs
+      eval_batch_size=100, chunk_size=50)
