@@ -38,8 +38,9 @@ METRICS = ("acc", "fm", "la", "bwt", "fwt", "lca")
 NOT_SETTING = frozenset({
     "seed", "num_seeds", "sweep", "run_batching", "data_path", "progress",
     "heatmap", "chunk_size", "eval_batch_size", "checkpoint", "keep",
-    "resume_from", "force_resume", "wandb", "log", "log_every", "tensorboard",
-    "method",
+    "resume_from", "force_resume", "wandb", "logs", "lca_batches", "method",
+    # A run's resolved fields already hold what its presets gave it.
+    "presets", "download", "data_url", "data_sha256", "data_md5",
 })
 
 
@@ -113,7 +114,10 @@ def _wall_seconds(timing: dict) -> float:
 
 
 def _setting_value(v):
-  return tuple(v) if isinstance(v, list) else v
+  """A config value as a hashable, comparable key."""
+  if isinstance(v, dict):
+    return tuple(sorted((k, _setting_value(x)) for k, x in v.items()))
+  return tuple(_setting_value(x) for x in v) if isinstance(v, list) else v
 
 
 def collect(paths: list[str], ignore=()) -> list[Row]:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcl_jax import experiment, train
+from bcl_jax import experiment, methods, train
 from bcl_jax.config import load_config_file, resolve
 from bcl_jax.data import load_benchmark, npz, torch_pickle
 
@@ -157,6 +157,18 @@ def test_cifar_pickles_prepare_and_run(cifar_data, tmp_path):
   assert res["benchmark"]["input_shape"] == [3072]
   on_disk = json.loads((tmp_path / "wd" / "results.json").read_text())
   assert on_disk["metrics"]["acc"] == pytest.approx(res["metrics"]["acc"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", methods.names())
+def test_every_method_on_tiny_split_cifar(method, cifar_data, tmp_path):
+  """Each registered method end to end on split CIFAR with the reduced
+  ResNet-18 (BatchNorm, task-incremental heads), two seeds."""
+  config = _config("cifar", data_path=str(cifar_data), method=method,
+                   num_seeds=2, checkpoint=True)
+  res = experiment.run(config, str(tmp_path / "wd"), log=lambda *a: None)
+  _check_results(res, 2)
+  assert len(res["runs"]) == 2
 
 
 def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
