@@ -19,6 +19,7 @@ from bcl_jax.methods import ewc, lwf
 import np_reference as ref
 import np_reference_ewc_lwf as npr
 from helpers import batch as make_batch
+from test_benchmarks_e2e import cifar_data  # noqa: F401 (fixture)
 from test_methods import (BATCH, T, assert_params_close, make_config,
                           make_ctx, stream)
 
@@ -223,3 +224,30 @@ def test_lwf_old_columns():
   np.testing.assert_array_equal(cols[1], [1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(cols[2], [1, 1, 1, 1, 0, 0])
   assert BATCH == 5  # the stream's batches the numpy tests assume
+
+
+# ------------------------------------------- reduced ResNet-18, BatchNorm --
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ewc", "lwf"])
+def test_tiny_split_cifar_resnet(name, cifar_data):
+  """End to end on 2 tiny split-CIFAR tasks (task-incremental heads,
+  BatchNorm): finite accuracies, a non-zero finite Fisher / a snapshot."""
+  from bcl_jax import train
+  from bcl_jax.data import load_benchmark
+  from test_benchmarks_e2e import _config
+  config = _config("cifar", data_path=str(cifar_data), method=name)
+  out = train.train_and_evaluate(config, load_benchmark(config),
+                                 log=lambda *_: None)
+  assert out["setup"].ctx.model.name == "resnet18_reduced"
+  assert out["accuracy"].shape == (1, 2, 2)
+  assert np.all(np.isfinite(out["accuracy"]))
+  state = out["state"]
+  leaves = jax.tree_util.tree_leaves(
+      state.fisher if name == "ewc" else state.old)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
+  if name == "ewc":
+    assert sum(float(np.sum(v)) for v in leaves) > 0
+    assert np.isfinite(float(state.const[0]))
+  else:
+    now = jax.tree_util.tree_leaves(state.variables["params"])
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves, now))
