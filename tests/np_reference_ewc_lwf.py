@@ -67,7 +67,8 @@ class EWC:
     elif len(self.memx) < self.n:
       self.memx = np.concatenate([self.memx, x])[:self.n]
       self.memy = np.concatenate([self.memy, y])[:self.n]
-    cols = np.broadcast_to(self.class_mask[t], (len(x), self.class_mask.shape[1]))
+    cols = np.broadcast_to(self.class_mask[t],
+                           (len(x), self.class_mask.shape[1]))
     ce, g = ref.ce_grad(self.P, x, y, cols, np.ones(len(x), bool))
     pv, pg = self.penalty(self.P)
     self.P = ref.add(self.P, ref.scale(ref.add(g, ref.scale(pg, self.ms)),
@@ -89,7 +90,8 @@ class LwF:
       self.old = [[w.copy() for w in layer] for layer in self.P]
       self.current = t
     ones = np.ones(len(x), bool)
-    cols = np.broadcast_to(self.class_mask[t], (len(x), self.class_mask.shape[1]))
+    cols = np.broadcast_to(self.class_mask[t],
+                           (len(x), self.class_mask.shape[1]))
     loss, g = ref.ce_grad(self.P, x, y, cols, ones)
     if t > 0:
       old_cols = self.class_mask[:t].any(0)
