@@ -19,6 +19,8 @@ _REGISTRY = {
     "er": "bcl_jax.methods.er",
     "bcl_dual": "bcl_jax.methods.bcl_dual",
     "bcl_single": "bcl_jax.methods.bcl_single",
+    "ewc": "bcl_jax.methods.ewc",
+    "lwf": "bcl_jax.methods.lwf",
 }
 
 
