@@ -20,6 +20,7 @@ from bcl_jax.methods import agem, gem, qp
 
 import np_reference as ref
 import np_reference_gem as refg
+from test_benchmarks_e2e import _check_results, _config, cifar_data  # noqa
 from test_methods import (D, T, assert_params_close, assert_ring_equal,
                           make_config, make_ctx, run_sequence)
 
@@ -194,3 +195,14 @@ def test_agem_matches_numpy(heads):
 
   run_sequence(method, c, ctx, np_step, lambda s, t: None, npst, check)
   assert any(npst["projected"]), "the sequence never exercised the projection"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gem", "agem"])
+def test_tiny_split_cifar_resnet_with_batchnorm(name, cifar_data, tmp_path):
+  """End to end on the reduced ResNet-18 (BatchNorm): a 2-task run whose
+  accuracy matrix and metrics are finite and in range."""
+  from bcl_jax import experiment
+  config = _config("cifar", data_path=str(cifar_data), method=name)
+  res = experiment.run(config, str(tmp_path / "wd"))
+  _check_results(res, 2)

@@ -16,9 +16,9 @@ The reference repository has no A-GEM. The paper's permuted-MNIST setting
 (as the ContinualAI reproduction lists it) is an MLP 784-256-256-10, batch
 10, one epoch, 250 memory slots per task, lr 0.1 and 256 memory samples per
 reference gradient; we take the last (``replay_batch_size`` defaults to 256
-here) and keep the benchmark's network, lr and ``n_memories``. With BatchNorm, the replay pass updates the
-running averages before the batch's pass (the paper's order: reference
-gradient first).
+here) and keep the benchmark's network, lr and ``n_memories``. With
+BatchNorm, the replay pass updates the running averages before the batch's
+pass (the paper's order: reference gradient first).
 """
 
 from __future__ import annotations

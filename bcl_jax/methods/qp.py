@@ -62,10 +62,11 @@ def solve_dual(gram: jax.Array, gdots: jax.Array, active: jax.Array,
   c = d * (p @ jnp.full((k,), margin) + q)
   sigma = jnp.maximum(jnp.max(jnp.abs(c)), 1e-30)
   c = c / sigma
-  w, s, z = qpax.solve_qp(qq, c, jnp.zeros((0, k), gram.dtype),
-                          jnp.zeros((0,), gram.dtype), -jnp.eye(k, dtype=gram.dtype),
-                          jnp.zeros((k,), gram.dtype), solver_tol=1e-4,
-                          max_iter=max_iter)[:3]
+  dt = gram.dtype
+  # No equality constraints; -w <= 0.
+  w, s, z = qpax.solve_qp(qq, c, jnp.zeros((0, k), dt), jnp.zeros((0,), dt),
+                          -jnp.eye(k, dtype=dt), jnp.zeros((k,), dt),
+                          solver_tol=1e-4, max_iter=max_iter)[:3]
   w = polish(qq, c, jnp.maximum(w, 0.0), s < z)
   return margin + sigma * d * w
 
