@@ -21,6 +21,8 @@ _REGISTRY = {
     "bcl_single": "bcl_jax.methods.bcl_single",
     "ewc": "bcl_jax.methods.ewc",
     "lwf": "bcl_jax.methods.lwf",
+    "gem": "bcl_jax.methods.gem",
+    "agem": "bcl_jax.methods.agem",
 }
 
 
