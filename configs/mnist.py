@@ -25,6 +25,8 @@ def get_config(variant: str = ""):
   c = default_config()
   c.benchmark = "permuted_mnist"
   c.n_tasks = 10
+  # The reference's networks for its GEM (784-100-100-10) baseline.
+  c.presets.gem = dict(hidden=(100, 100))
   return apply_variants(
       c, variant, "configs/mnist.py",
       # 3 cross-validation tasks with their own permutations.
