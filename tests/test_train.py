@@ -116,3 +116,36 @@ def test_task_incremental_evaluation_masks_other_columns():
   evaluate = evaluation.Evaluator(setup.method, bench, setup.axis, 1000)
   np.testing.assert_array_equal(evaluate(train.init_state(setup), 0),
                                 [[1.0, 1.0]])
+
+
+def test_learning_curve_points_equal_evaluations_between_steps():
+  """lca_curve[t][b] = the accuracy on task t's test set after b of its
+  batches, as a step-by-step loop with the evaluator measures it."""
+  bench = toy_benchmark(n_tasks=2, n_train=23)
+  c = tiny_config(method="er", lca_batches=3, chunk_size=2)
+  out = train.train_and_evaluate(c, bench, log=lambda *_: None)
+  curve = out["lca_curve"]
+  assert curve.shape == (1, 2, 4)
+  setup = train.build(c, bench)
+  evaluate = evaluation.Evaluator(setup.method, bench, setup.axis,
+                                  int(c.eval_batch_size))
+  state = train.init_state(setup)
+  one = lambda s: jax.tree_util.tree_map(lambda a: a[0], s)
+  observe = jax.jit(setup.method.observe)
+  for t in range(2):
+    ph = train.phase(setup, t)
+    index, valid = ph.order[0]
+    keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(0), 1), t), 6)  # 5 steps, padded to 6
+    s = one(state)
+    for b in range(4):
+      acc = evaluate(jax.tree_util.tree_map(lambda a: a[None], s), t)[0, t]
+      np.testing.assert_allclose(curve[0, t, b], acc, atol=1e-6)
+      s, _ = observe(s, make_batch(ph.data.x[index[b]], ph.data.y[index[b]],
+                                   valid[b], t), keys[b])
+    for b in range(4, len(index)):
+      s, _ = observe(s, make_batch(ph.data.x[index[b]], ph.data.y[index[b]],
+                                   valid[b], t), keys[b])
+    state = jax.tree_util.tree_map(lambda a: a[None], s)
+  from bcl_jax import metrics
+  assert metrics.lca(curve[0]) == pytest.approx(curve[0].mean())
