@@ -19,6 +19,7 @@ _REGISTRY = {
     "er": "bcl_jax.methods.er",
     "bcl_dual": "bcl_jax.methods.bcl_dual",
     "bcl_single": "bcl_jax.methods.bcl_single",
+    "icarl": "bcl_jax.methods.icarl",
 }
 
 
