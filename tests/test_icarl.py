@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcl_jax import experiment, methods
+from bcl_jax import experiment, methods, train
 from bcl_jax.config import default_config, resolve
+from bcl_jax.data import load_benchmark
 from bcl_jax.methods import api, icarl
 from bcl_jax.models import build_model
 
@@ -76,6 +77,8 @@ def test_budget_split_as_classes_arrive():
   rng = np.random.default_rng(1)
   expected_m = [6, 3, 2]  # 13 // 2, 13 // 4, 13 // 6
   before = None
+  herd = jax.jit(icarl.herding, static_argnums=3)
+  feats_of = jax.jit(ctx.model.features)
   for t in range(T):
     y = np.repeat([2 * t, 2 * t + 1], [9, 3 if t == 0 else 8]).astype(
         np.int32)  # class 1 has only 3 rows: it keeps them all at first
@@ -90,9 +93,9 @@ def test_budget_split_as_classes_arrive():
     assert counts == want, (t, counts)
     assert sum(counts) <= 13
     # new exemplars: the first m of the class's herding order
-    feats = icarl.normalize(ctx.model.features(state.variables, data.x))
+    feats = icarl.normalize(feats_of(state.variables, data.x))
     for s in (2 * t, 2 * t + 1):
-      order, n = icarl.herding(feats, data.valid & (data.y == s),
+      order, n = herd(feats, data.valid & (data.y == s),
                                jnp.int32(m), 6)
       got = mem.x[mem.filled & (mem.cls == s)][
           np.argsort(mem.rank[mem.filled & (mem.cls == s)])]
@@ -139,20 +142,21 @@ def test_nme_prediction_hand_worked():
       filled=jnp.asarray(np.arange(8) < 4))
   state = state._replace(variables={"params": params, "batch_stats": {}},
                          memory=mem)
-  prepared = method.prepare_eval(state, jnp.int32(1))
+  prepared = jax.jit(method.prepare_eval)(state, jnp.int32(1))
+  predict = jax.jit(method.predict)
   q = jnp.asarray([[3.0, 4.0]])  # normalised (0.6, 0.8)
   # class 0: mean of (1, 0) and (0, 1), renormalised (0.7071, 0.7071);
   # class 1: (0, 1); class 3: (0.7071, 0.7071).
   d0 = np.sqrt((0.6 - 0.5 ** 0.5) ** 2 + (0.8 - 0.5 ** 0.5) ** 2)  # 0.1418
   d1 = np.sqrt(0.6 ** 2 + 0.2 ** 2)  # 0.6325
-  s0 = np.asarray(method.predict(prepared, q, jnp.int32(0)))[0]
+  s0 = np.asarray(predict(prepared, q, jnp.int32(0)))[0]
   np.testing.assert_allclose(s0[:2], [-d0, -d1], rtol=1e-5)
   assert np.all(s0[2:] == icarl.NO_SCORE)
-  s1 = np.asarray(method.predict(prepared, q, jnp.int32(1)))[0]
+  s1 = np.asarray(predict(prepared, q, jnp.int32(1)))[0]
   np.testing.assert_allclose(s1[3], -d0, rtol=1e-5)
   assert np.all(s1[[0, 1, 2, 4, 5]] == icarl.NO_SCORE)
   # (0, 1) is nearest to class 1
-  s = np.asarray(method.predict(prepared, jnp.asarray([[0.1, 1.0]]),
+  s = np.asarray(predict(prepared, jnp.asarray([[0.1, 1.0]]),
                                 jnp.int32(0)))[0]
   assert int(np.argmax(s)) == 1
 
@@ -202,7 +206,7 @@ def test_observe_end_task_predict_match_numpy(heads, n_mem):
   P = ref.from_flax(jax.device_get(state.variables["params"]))
   ex = npi.Exemplars(ctx.class_mask, n_mem)
   observe, end = jax.jit(method.observe), jax.jit(method.end_task)
-  predict = jax.jit(method.predict)
+  predict, prepare = jax.jit(method.predict), jax.jit(method.prepare_eval)
   probe = np.random.default_rng(9).random((7, D)).astype(np.float32)
   for t, batches in enumerate(stream(ctx)):
     for b, (x, y, valid) in enumerate(batches):
@@ -221,7 +225,7 @@ def test_observe_end_task_predict_match_numpy(heads, n_mem):
     state = end(state, jnp.int32(t), task_data(xs, ys, 24))
     ex.end_task(P, t, xs, ys)
     assert_memory_matches(state.memory, ex, f"after task {t}")
-    prepared = method.prepare_eval(state, jnp.int32(t))
+    prepared = prepare(state, jnp.int32(t))
     for j in range(T):
       got = np.asarray(predict(prepared, jnp.asarray(probe), jnp.int32(j)))
       want = ex.nme_scores(P, probe, j)
@@ -245,3 +249,31 @@ def test_end_to_end_mlp(tmp_path):
   assert np.mean(np.diag(acc)) > 0.4
   for k in ("acc", "fm", "la"):
     assert np.isfinite(res["metrics"][k])
+
+
+@pytest.fixture(scope="module")
+def cifar_data(tmp_path_factory):
+  from test_benchmarks_e2e import _prepare, write_cifar_pickles
+  root = tmp_path_factory.mktemp("cifar")
+  src = write_cifar_pickles(root)
+  _prepare("cifar100", "--source", str(src), "--out-dir", str(root / "data"))
+  return root / "data"
+
+
+@pytest.mark.slow  # ~1-3 min on a shared CPU: compiling the ResNet programs
+def test_end_to_end_tiny_split_cifar_resnet(cifar_data):
+  """Reduced ResNet-18 with BatchNorm, uint8 exemplars, 5 classes a task."""
+  from test_benchmarks_e2e import _config
+  config = _config("cifar", data_path=str(cifar_data), method="icarl")
+  out = train.train_and_evaluate(config, load_benchmark(config),
+                                 log=lambda *a: None)
+  assert out["setup"].ctx.model.name == "resnet18_reduced"
+  acc = out["accuracy"]
+  assert acc.shape == (1, 2, 2) and np.all((acc >= 0) & (acc <= 1))
+  mem = jax.tree_util.tree_map(lambda a: np.asarray(a[0]),
+                               out["state"].memory)
+  assert mem.x.dtype == np.uint8
+  # 20 slots over 10 classes: 2 each after the second task, all finite
+  counts = [int(np.sum(mem.filled & (mem.cls == s))) for s in range(10)]
+  assert counts == [2] * 10
+  assert np.all(np.isfinite(mem.logits))
