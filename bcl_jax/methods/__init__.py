@@ -23,6 +23,7 @@ _REGISTRY = {
     "lwf": "bcl_jax.methods.lwf",
     "gem": "bcl_jax.methods.gem",
     "agem": "bcl_jax.methods.agem",
+    "icarl": "bcl_jax.methods.icarl",
 }
 
 

@@ -13,6 +13,9 @@ objects:
   ``train=False`` it uses the running averages and returns ``variables``
   unchanged. ``mask`` (bool ``[N]``, training mode only) marks the real rows
   of a padded batch: BatchNorm's batch statistics use those rows alone.
+* ``features(variables, x) -> [N, d]`` (optional, None if the network has
+  none): the penultimate representation, the input of the last linear layer,
+  in inference mode (iCaRL's herding and nearest-mean classifier use it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Model(NamedTuple):
   init: Callable[[jax.Array], Variables]
   apply: Callable[[Variables, jax.Array, bool], tuple[jax.Array, Variables]]
   name: str = "model"
+  features: Callable[[Variables, jax.Array], jax.Array] | None = None
 
 
 def to_float(x: jax.Array) -> jax.Array:
@@ -39,8 +43,13 @@ def to_float(x: jax.Array) -> jax.Array:
 
 
 def from_flax(module, input_shape: tuple[int, ...], name: str,
-              preprocess: Callable[[jax.Array], jax.Array] = to_float) -> Model:
-  """Wraps a Flax module whose ``__call__(x, train)`` returns logits."""
+              preprocess: Callable[[jax.Array], jax.Array] = to_float,
+              features_module=None) -> Model:
+  """Wraps a Flax module whose ``__call__(x, train)`` returns logits.
+
+  ``features_module``: the same network (same parameter names) returning its
+  penultimate features instead; it gives the Model's ``features``.
+  """
 
   def init(key):
     dummy = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
@@ -60,7 +69,16 @@ def from_flax(module, input_shape: tuple[int, ...], name: str,
                       "batch_stats": updates["batch_stats"]}
     return module.apply(variables, x, train=train), variables
 
-  return Model(init=init, apply=apply, name=name)
+  features = None
+  if features_module is not None:
+    def features(variables, x):
+      # Inference mode; the last layer's parameters are simply unused.
+      return features_module.apply(
+          {"params": variables["params"],
+           "batch_stats": variables["batch_stats"]}, preprocess(x),
+          train=False)
+
+  return Model(init=init, apply=apply, name=name, features=features)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], n_outputs: int,

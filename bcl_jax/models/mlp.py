@@ -18,6 +18,7 @@ class MLP(nn.Module):
 
   hidden: tuple[int, ...]
   n_outputs: int
+  return_features: bool = False  # the last hidden layer instead of logits
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -25,6 +26,8 @@ class MLP(nn.Module):
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.xavier_uniform(),
                            bias_init=nn.initializers.zeros)(x))
+    if self.return_features:
+      return x
     return nn.Dense(self.n_outputs,
                     kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.zeros)(x)
@@ -32,4 +35,5 @@ class MLP(nn.Module):
 
 def make_mlp(input_shape, n_outputs: int, hidden=(128, 128, 128)) -> Model:
   module = MLP(hidden=tuple(int(h) for h in hidden), n_outputs=int(n_outputs))
-  return from_flax(module, tuple(input_shape), name="mlp")
+  return from_flax(module, tuple(input_shape), name="mlp",
+                   features_module=module.clone(return_features=True))

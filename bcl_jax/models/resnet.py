@@ -347,10 +347,12 @@ class ReducedResNet18(nn.Module):
   Attributes:
     n_outputs: logits.
     nf: width of the first stage (20 in the reference).
+    return_features: return the pooled ``[N, 8nf]`` features, not logits.
   """
 
   n_outputs: int
   nf: int = 20
+  return_features: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -361,6 +363,8 @@ class ReducedResNet18(nn.Module):
     x = _max_pool_3x3_s2(x)
     widths = [self.nf * k for k in (1, 2, 4, 8)]
     x = _trunk(x, train, widths, init, "shortcut", mask)
+    if self.return_features:
+      return x
     return _linear(self.n_outputs, x.shape[-1], "linear")(x)
 
 
@@ -373,9 +377,11 @@ class ResNet18(nn.Module):
 
   Attributes:
     n_outputs: logits.
+    return_features: return the pooled ``[N, 512]`` features, not logits.
   """
 
   n_outputs: int
+  return_features: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -385,6 +391,8 @@ class ResNet18(nn.Module):
     x = nn.relu(BatchNorm(name="bn1")(x, train, mask))
     x = _max_pool_3x3_s2(x)
     x = _trunk(x, train, (64, 128, 256, 512), init, "downsample", mask)
+    if self.return_features:
+      return x
     return _linear(self.n_outputs, x.shape[-1], "fc")(x)
 
 
@@ -440,7 +448,8 @@ def make_resnet(name: str, input_shape: tuple[int, ...],
                      "choose 'resnet18_reduced' or 'resnet18'")
   images_to_nhwc(jnp.zeros((1,) + tuple(input_shape), jnp.float32))  # check
   return from_flax(module, tuple(input_shape), name=name,
-                   preprocess=images_to_nhwc)
+                   preprocess=images_to_nhwc,
+                   features_module=module.clone(return_features=True))
 
 
 # ---------------------------------------------------------------------------
