@@ -278,6 +278,12 @@ def _restore_arrays(path: str, target):
   import gc
   import sys
   import orbax.checkpoint as ocp
+  error = _bad_json(path)
+  if error is not None:
+    # Orbax would fail on it too, but with its tensorstore reads still
+    # running: their callbacks then hit a closed event loop and print
+    # tracebacks after our error line.
+    return None, error
   try:
     return ocp.StandardCheckpointer().restore(path, target), None
   except Exception as e:  # orbax and tensorstore raise many types
@@ -289,6 +295,24 @@ def _restore_arrays(path: str, target):
   finally:
     sys.unraisablehook = hook
   return None, error
+
+
+_JSON_FILES = ("_METADATA", "_sharding", "array_metadatas")
+
+
+def _bad_json(path: str) -> str | None:
+  """The first of the state's JSON metadata files that does not parse."""
+  for name in _JSON_FILES:
+    p = os.path.join(path, name)
+    files = ([os.path.join(p, f) for f in sorted(os.listdir(p))]
+             if os.path.isdir(p) else [p] if os.path.exists(p) else [])
+    for f in files:
+      try:
+        with open(f, "rb") as fh:
+          json.loads(fh.read())
+      except (OSError, ValueError) as e:
+        return f"{os.path.relpath(f, path)}: {_short(e)}"
+  return None
 
 
 def _versions() -> dict:

@@ -211,8 +211,8 @@ def check_memory(parts: list[Part], limit_gb: float = 0.0,
     terms = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}"
                       for p in sorted(parts, key=lambda p: -p.nbytes)
                       if p.nbytes >= total / 100)
-    source = (f"memory_limit_gb={limit_gb:g}" if limit_gb and limit_gb > 0
-              else "available now")
+    source = (f"allowed (memory_limit_gb={limit_gb:g})"
+              if limit_gb and limit_gb > 0 else "available now")
     raise ResourceError(
         f"{stage} needs about {fmt_bytes(total)} of memory ({terms}), more "
         f"than the {fmt_bytes(limit)} {source}; {big.knob} (or set "
