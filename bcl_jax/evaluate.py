@@ -63,6 +63,10 @@ def main(argv=None) -> int:
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except MemoryError:
+    print(f"error: out of memory while evaluating {args.workdir}; free "
+          "memory and try again", file=sys.stderr)
+    return 2
   row, saved = out["row"], out["saved_row"]
   k, n_tasks = out["task"], row.shape[1]
   print(f"{out['path']}: after task {k + 1}/{n_tasks} (R[{k}])")
