@@ -52,6 +52,9 @@ def main(argv=None) -> int:
   parser.add_argument("--task", type=int, default=None,
                       help="0-based task index of the checkpoint (default: "
                       "the last)")
+  if argv is None:   # the command line: read-only, nothing to save
+    from bcl_jax import guard
+    guard.exit_on_signals()
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)

@@ -139,6 +139,21 @@ def stop_on_signals() -> Iterator[None]:
     _requested.clear()
 
 
+def exit_on_signals() -> None:
+  """Makes SIGINT/SIGTERM end the process at once with one line and
+  128 + the signal, for the stretches where nothing is worth saving
+  (imports, parsing flags, read-only work). ``os._exit`` skips the
+  interpreter's shutdown, which can crash under a running XLA computation
+  or print the traceback of an interrupted import."""
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    os.write(2, ("error: interrupted\n" if signum == signal.SIGINT
+                 else f"error: stopped by {name}\n").encode())
+    os._exit(128 + signum)
+  for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, handler)
+
+
 def check_stop() -> None:
   """Raises :class:`Interrupted` if a stop was requested."""
   if _requested:

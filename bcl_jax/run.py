@@ -254,6 +254,8 @@ def _where(e: BaseException) -> str:
 
 
 def cli() -> None:
+  from bcl_jax import guard  # pylint: disable=import-outside-toplevel
+  guard.exit_on_signals()  # experiment.run stops at chunk boundaries instead
   try:
     app.run(main, flags_parser=_parse_flags)
   except KeyboardInterrupt:  # during imports or flag parsing

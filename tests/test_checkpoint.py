@@ -119,7 +119,7 @@ def test_training_checkpoints_hold_each_tasks_state(tmp_path):
   m = checkpoint.Manager(wd)
   seen = {}
 
-  def on_task_end(t, state, accuracy, init_accuracy):
+  def on_task_end(t, state, accuracy, init_accuracy, lca_curve=None):
     seen[t] = jax.tree_util.tree_map(np.array, state)
     m.save(t, state, meta=resume.task_meta(accuracy, init_accuracy,
                                            runs_lib.runs_of(config)),
