@@ -155,15 +155,16 @@ def _run(config, workdir: str, config_name: str, log, bench) -> dict:
           "stand (pass another --workdir to start a new run)")
       print(results_lib.summary_line(done), flush=True)
       return done
-  # Room for the results, so that they are not lost after all the training.
-  guard.check_disk(workdir, _results_bytes(config, bench, len(setup.runs)),
-                   "the results and logs")
   if use_ckpt:
     warning = checkpoint.check_space(
         workdir, state_bytes,
         bench.n_tasks if not config.keep else int(config.keep))
     if warning:
       log(f"warning: {warning}")
+  # Room for the results, so that they are not lost after all the training.
+  guard.check_disk(workdir, _results_bytes(config, bench, len(setup.runs)),
+                   "the results and logs")
+  if use_ckpt:
     manager = checkpoint.Manager(workdir, keep=int(config.keep))
 
     def on_task_end(task, state, accuracy, init_accuracy, lca_curve):
