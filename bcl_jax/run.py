@@ -100,10 +100,12 @@ def list_fields(config) -> str:
   comments = {k: v or _MEANINGS.get(k, "") for k, v in comments.items()}
   names = [k for k in comments if k in config]
   names += sorted(k for k in config.keys() if k not in comments)
-  width = max(len(f"{k} = {config[k]!r}") for k in names)
+  def show(v):  # a nested ConfigDict's repr spans lines (and ends in one)
+    return repr(v.to_dict() if hasattr(v, "to_dict") else v)
+  width = max(len(f"{k} = {show(config[k])}") for k in names)
   lines = []
   for k in names:
-    text = f"{k} = {config[k]!r}"
+    text = f"{k} = {show(config[k])}"
     lines.append(f"{text:<{width}}  # {comments[k]}" if comments.get(k)
                  else text)
   return "\n".join(lines)

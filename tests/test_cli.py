@@ -42,7 +42,7 @@ def test_quick_run_writes_every_output(tmp_path):
 @pytest.mark.parametrize("args,expect", [
     (["--config.lrr=0.1"], "unknown config field 'lrr'"),
     (["--config.lr=abc"], "could not convert"),
-    (["--config.batch_size=0"], "batch_size must be >= 1"),
+    (["--config.batch_size=0"], "batch_size must be >= "),
     (["--config.method=nope"], "method 'nope' is not one of"),
     (["--config.data_file=missing.pt"], "missing.pt: no such file"),
     (["--config.data_file=x.csv", "--config.data_path=" + ROOT],
