@@ -5,7 +5,8 @@ Layout (README "Checkpoints and resuming")::
     <workdir>/checkpoints/<k>/      k = 0-based index of the last task trained
         state/    the method state: nested dicts of arrays, leading run axis
         meta/     JSON: what the caller records (accuracy rows, runs, ...),
-                  plus a SHA-256 fingerprint of the state and versions
+                  plus a SHA-256 fingerprint of the state, versions, and
+                  a SHA-256 digest of this meta and the config
         config/   JSON: the full config
 
 Each checkpoint is one step of an orbax ``CheckpointManager`` made of
@@ -16,9 +17,11 @@ without bcl_jax::
 
 Saves are synchronous and orbax writes each step into a temporary folder that
 is renamed into place once complete, so a crash during a save leaves the
-previous checkpoints as they were. The fingerprint is checked on every
-restore: a damaged checkpoint is refused by name instead of restoring to
-something wrong. What to save when, and whether a run may resume from a
+previous checkpoints as they were. Everything a resume reads is covered by
+an integrity check: the digest (over the canonical JSON of meta without the
+digest, of the config, and so of the state's fingerprint) on every
+:func:`read_meta`, the fingerprint on every restore; a damaged or edited
+checkpoint is refused by name instead of resuming to something wrong. What to save when, and whether a run may resume from a
 checkpoint, is decided by :mod:`bcl_jax.resume`.
 """
 
@@ -35,7 +38,7 @@ import jax
 import numpy as np
 
 CHECKPOINT_DIR = "checkpoints"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be written, read or used; the message says which."""
@@ -83,6 +86,18 @@ def jsonable(d: dict) -> dict:
   return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
+def digest(meta: dict, config: dict) -> str:
+  """SHA-256 over the canonical JSON of ``meta`` (its ``digest`` field
+  left out) and of ``config``, both as JSON gives them back."""
+  body = {k: v for k, v in jsonable(meta).items() if k != "digest"}
+  h = hashlib.sha256()
+  for part in (body, jsonable(config)):
+    h.update(json.dumps(part, sort_keys=True, separators=(",", ":"))
+             .encode())
+    h.update(b"\n")
+  return h.hexdigest()
+
+
 def nbytes(tree) -> int:
   return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
                  for a in jax.tree_util.tree_leaves(tree)))
@@ -127,9 +142,23 @@ def _read_json_item(workdir: str, task: int, item: str) -> dict:
 
 
 def read_meta(workdir: str, task: int) -> tuple[dict, dict]:
-  """``(meta, config dict)`` of one checkpoint, without touching arrays."""
+  """``(meta, config dict)`` of one checkpoint, without touching arrays;
+  both checked against the digest saved in meta."""
   meta = _read_json_item(workdir, task, "meta")
   cfg = _read_json_item(workdir, task, "config")
+  path = os.path.join(directory(workdir), str(task))
+  if isinstance(meta, dict) and "digest" not in meta and \
+      meta.get("format") == 1:
+    raise CheckpointError(
+        f"checkpoint {path} was written by an older bcl_jax (format "
+        f"{meta.get('format', 1)}) without an integrity digest; start again "
+        "in a new workdir")
+  if (not isinstance(meta, dict) or not isinstance(cfg, dict)
+      or meta.get("digest") != digest(meta, cfg)):
+    raise CheckpointError(
+        f"checkpoint {path} is corrupt: its metadata or config does not "
+        "match the digest saved with them (edited or damaged); "
+        f"{_earlier_hint(workdir, task)}")
   if not isinstance(meta, dict) or meta.get("task") != task:
     raise CheckpointError(
         f"checkpoint {os.path.join(directory(workdir), str(task))} has "
@@ -191,6 +220,8 @@ class Manager:
         "versions": _versions(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    config = jsonable(config)
+    meta["digest"] = digest(meta, config)
     try:
       if task in self._mgr.all_steps():
         # An explicit re-save of the same task (resume_from replays it).
@@ -198,7 +229,7 @@ class Manager:
       self._mgr.save(task, args=ocp.args.Composite(
           state=ocp.args.StandardSave(tree),
           meta=ocp.args.JsonSave(meta),
-          config=ocp.args.JsonSave(jsonable(config))))
+          config=ocp.args.JsonSave(config)))
       self._mgr.wait_until_finished()
     except Exception as e:
       prev = [s for s in available(self.workdir) if s < task]
@@ -247,6 +278,12 @@ def _restore_arrays(path: str, target):
   import gc
   import sys
   import orbax.checkpoint as ocp
+  error = _bad_json(path)
+  if error is not None:
+    # Orbax would fail on it too, but with its tensorstore reads still
+    # running: their callbacks then hit a closed event loop and print
+    # tracebacks after our error line.
+    return None, error
   try:
     return ocp.StandardCheckpointer().restore(path, target), None
   except Exception as e:  # orbax and tensorstore raise many types
@@ -258,6 +295,24 @@ def _restore_arrays(path: str, target):
   finally:
     sys.unraisablehook = hook
   return None, error
+
+
+_JSON_FILES = ("_METADATA", "_sharding", "array_metadatas")
+
+
+def _bad_json(path: str) -> str | None:
+  """The first of the state's JSON metadata files that does not parse."""
+  for name in _JSON_FILES:
+    p = os.path.join(path, name)
+    files = ([os.path.join(p, f) for f in sorted(os.listdir(p))]
+             if os.path.isdir(p) else [p] if os.path.exists(p) else [])
+    for f in files:
+      try:
+        with open(f, "rb") as fh:
+          json.loads(fh.read())
+      except (OSError, ValueError) as e:
+        return f"{os.path.relpath(f, path)}: {_short(e)}"
+  return None
 
 
 def _versions() -> dict:

@@ -68,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.heatmap = True
   c.logs = True                # metrics.csv and TensorBoard events (tb/)
   c.wandb = False              # also log to Weights & Biases ([wandb] extra)
+  c.memory_limit_gb = 0.0      # memory a run may use (0: what is available)
   # Checkpoints (README "Checkpoints and resuming").
   c.checkpoint = True          # save <workdir>/checkpoints/<task> after each
   c.keep = 0                   # checkpoints kept, newest first (0: all)

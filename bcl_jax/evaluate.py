@@ -52,6 +52,9 @@ def main(argv=None) -> int:
   parser.add_argument("--task", type=int, default=None,
                       help="0-based task index of the checkpoint (default: "
                       "the last)")
+  if argv is None:   # the command line: read-only, nothing to save
+    from bcl_jax import guard
+    guard.exit_on_signals()
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -62,6 +65,10 @@ def main(argv=None) -> int:
   except (checkpoint.CheckpointError, DataError, FileNotFoundError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except MemoryError:
+    print(f"error: out of memory while evaluating {args.workdir}; free "
+          "memory and try again", file=sys.stderr)
     return 2
   row, saved = out["row"], out["saved_row"]
   k, n_tasks = out["task"], row.shape[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bcl_jax import checkpoint
+from bcl_jax import guard
 from bcl_jax import logs
 from bcl_jax import methods
 from bcl_jax import resume as resume_lib
@@ -26,7 +28,8 @@ from bcl_jax.config import config_from_dict, resolve
 from bcl_jax.data.errors import DataError
 
 USER_ERRORS = (DataError, train.TrainingError, results_lib.WorkdirError,
-               checkpoint.CheckpointError, ValueError, FileNotFoundError)
+               checkpoint.CheckpointError, guard.LockError,
+               guard.ResourceError, ValueError, FileNotFoundError)
 
 
 def validate_config(config):
@@ -46,8 +49,14 @@ def validate_config(config):
     raise ValueError(f"config: {e}") from None
   need(config.batch_size >= 1, f"batch_size must be >= 1, got "
        f"{config.batch_size}")
-  need(config.use > 0, f"use must be > 0 (a fraction <= 1 or a count), got "
-       f"{config.use}")
+  need(math.isfinite(config.use) and config.use > 0, f"use must be a finite "
+       f"number > 0 (a fraction <= 1 or a count), got {config.use}")
+  for name in ("seed", "data_seed"):
+    need(config[name] >= 0, f"{name} must be a non-negative integer, got "
+         f"{config[name]}")
+  need(config.num_seeds >= 1, "num_seeds must be >= 1")
+  need(config.get("memory_limit_gb", 0) >= 0, "memory_limit_gb must be >= 0 "
+       "(0: the memory available)")
   need(config.n_epochs >= 1, "n_epochs must be >= 1")
   need(config.chunk_size >= 1, "chunk_size must be >= 1")
   need(config.eval_batch_size >= 1, "eval_batch_size must be >= 1")
@@ -72,9 +81,47 @@ def run(config, workdir: str, config_name: str = "run", log=print,
   checkpoints is continued after the last one (or after task
   ``config.resume_from``), refusing a config that differs in a field that
   changes results unless ``config.force_resume``.
+
+  The workdir is locked for the life of the run (a second run on it is
+  refused, naming the first); SIGINT and SIGTERM stop the run at the next
+  chunk boundary with :class:`bcl_jax.guard.Interrupted`, keeping the last
+  checkpoint; the memory the run needs is estimated and refused before
+  anything large is allocated. A workdir this call created is removed again
+  if the run fails before writing anything into it.
   """
   config = validate_config(config)
+  created = not os.path.exists(workdir)
   results_lib.check_workdir(workdir)
+  lock = guard.WorkdirLock(workdir)
+  try:
+    lock.acquire()
+  except guard.LockError:
+    if created:   # both found no workdir; the other run holds it now
+      created = False
+    raise
+  try:
+    with guard.stop_on_signals():
+      return _run(config, workdir, config_name, log, bench)
+  finally:
+    lock.release()
+    if created:
+      _remove_if_empty(workdir)
+
+
+def _remove_if_empty(workdir: str) -> None:
+  """Removes ``workdir`` if it holds nothing but the lock file."""
+  try:
+    if set(os.listdir(workdir)) <= {guard.LOCK_NAME}:
+      lock_file = os.path.join(workdir, guard.LOCK_NAME)
+      if os.path.exists(lock_file):
+        os.remove(lock_file)
+      os.rmdir(workdir)
+  except OSError:
+    pass  # another process wrote into it meanwhile: leave it
+
+
+def _run(config, workdir: str, config_name: str, log, bench) -> dict:
+  limit = float(config.get("memory_limit_gb", 0) or 0)
   use_ckpt = bool(config.checkpoint)
   resume = resume_lib.plan_resume(workdir, config) if use_ckpt else None
   if not use_ckpt and checkpoint.available(workdir):
@@ -82,30 +129,42 @@ def run(config, workdir: str, config_name: str = "run", log=print,
         f"{checkpoint.directory(workdir)}")
   t0 = time.perf_counter()
   if bench is None:
+    guard.check_memory(guard.benchmark_parts(config), limit,
+                       stage="the benchmark")
     bench = load_data(config)
+  guard.check_stop()
   log(f"benchmark {bench.name}: {bench.n_tasks} tasks, input "
       f"{bench.input_shape}, {bench.n_outputs} outputs, "
       f"{'task-incremental' if bench.task_incremental else 'single-head'}; "
       f"method {config.method}; workdir {workdir}")
   setup = train.build(config, bench)
+  template = train.state_template(setup)
+  state_bytes = checkpoint.nbytes(template)
+  guard.check_memory(guard.run_parts(
+      config, bench, state_bytes, len(setup.runs),
+      joint=setup.spec.schedule != "sequential",
+      conv=not str(config.model).startswith("mlp") and
+      len(bench.input_shape) > 1), limit)
   resume_kw, manager, on_task_end = {}, None, None
+  if use_ckpt and resume is not None:
+    resume_kw = _resume(setup, workdir, resume, template, log)
+    done = resume_lib.finished_results(workdir, resume_kw["accuracy"],
+                                       bench.n_tasks, resume_kw["start_task"])
+    if done is not None:
+      log(f"every task is already learned; the results in {workdir} "
+          "stand (pass another --workdir to start a new run)")
+      print(results_lib.summary_line(done), flush=True)
+      return done
   if use_ckpt:
-    template = train.state_template(setup)
     warning = checkpoint.check_space(
-        workdir, checkpoint.nbytes(template),
+        workdir, state_bytes,
         bench.n_tasks if not config.keep else int(config.keep))
     if warning:
       log(f"warning: {warning}")
-    if resume is not None:
-      resume_kw = _resume(setup, workdir, resume, template, log)
-      done = resume_lib.finished_results(workdir, resume_kw["accuracy"],
-                                         bench.n_tasks,
-                                         resume_kw["start_task"])
-      if done is not None:
-        log(f"every task is already learned; the results in {workdir} "
-            "stand (pass another --workdir to start a new run)")
-        print(results_lib.summary_line(done), flush=True)
-        return done
+  # Room for the results, so that they are not lost after all the training.
+  guard.check_disk(workdir, _results_bytes(config, bench, len(setup.runs)),
+                   "the results and logs")
+  if use_ckpt:
     manager = checkpoint.Manager(workdir, keep=int(config.keep))
 
     def on_task_end(task, state, accuracy, init_accuracy, lca_curve):
@@ -113,6 +172,7 @@ def run(config, workdir: str, config_name: str = "run", log=print,
                                   lca_curve, benchmark=bench.name)
       seconds = manager.save(task, state, meta=meta, config=config.to_dict())
       log(f"checkpoint {manager.path(task)} saved in {seconds:.2f}s")
+      guard.check_stop()   # a signal during evaluation or the save
 
   results_lib.atomic_write(f"{workdir}/config.json",
                            json.dumps(config.to_dict(), indent=2,
@@ -127,6 +187,7 @@ def run(config, workdir: str, config_name: str = "run", log=print,
     raise train.TrainingError(f"{e}; {_last_checkpoint(workdir, use_ckpt)}") \
         from None
   except KeyboardInterrupt:
+    guard.drain()   # nothing may still run when the caller exits
     log(f"interrupted; {_last_checkpoint(workdir, use_ckpt)}")
     raise
   finally:
@@ -147,14 +208,44 @@ def run(config, workdir: str, config_name: str = "run", log=print,
                       "n_outputs": bench.n_outputs,
                       "input_shape": list(bench.input_shape),
                       "task_incremental": bench.task_incremental}
-  results_lib.write_all(workdir, config.to_dict(), res,
-                        title=f"{config.method} on {bench.name} ({config_name})",
-                        heatmap=bool(config.heatmap))
+  _write_results(workdir, config, res, config_name)
   log(f"train {timing['train_seconds']:.1f}s, compile "
       f"{timing['compile_seconds']:.1f}s, {timing['ms_per_step']:.2f} ms/step, "
       f"{timing['samples_per_second']:.0f} samples/s; results in {workdir}")
   print(results_lib.summary_line(res), flush=True)
   return res
+
+
+def _results_bytes(config, bench, n_runs: int) -> int:
+  """A generous size of results.json/.txt, the heatmaps and the logs."""
+  t = bench.n_tasks
+  per_task = 1 + int(config.use if config.use > 1 else 10**4) // max(
+      1, int(config.batch_size) * int(config.chunk_size))
+  logs_bytes = 400 * n_runs * t * per_task * int(config.n_epochs) \
+      if config.logs else 0
+  return n_runs * t * (t + 16) * 60 + logs_bytes + (4 << 20)
+
+
+def _write_results(workdir: str, config, res: dict, config_name: str):
+  """Writes the result files; if that fails late (a full disk), saves
+  results.json in the temp folder and says where, so nothing is lost."""
+  try:
+    results_lib.write_all(workdir, config.to_dict(), res,
+                          title=f"{config.method} on {res['benchmark']['name']}"
+                          f" ({config_name})", heatmap=bool(config.heatmap))
+  except OSError as e:
+    import tempfile  # pylint: disable=import-outside-toplevel
+    print(results_lib.summary_line(res), flush=True)
+    fd, path = tempfile.mkstemp(prefix="bcl_jax-results-", suffix=".json")
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(res, f, indent=2, default=float)
+      saved = f"the results were saved to {path} instead"
+    except OSError:
+      saved = "the line above is all that could be kept"
+    raise results_lib.WorkdirError(
+        f"could not write the results into {workdir} "
+        f"({e.strerror or e}); {saved}") from None
 
 
 def _resume(setup, workdir, resume, template, log) -> dict:

@@ -28,6 +28,7 @@ NON_RESULT_FIELDS = frozenset({
     "chunk_size",                   # how the scan is cut; same steps, keys
     "eval_batch_size",              # evaluation chunking
     "checkpoint", "keep", "resume_from", "force_resume",
+    "memory_limit_gb",              # the memory check's budget
     "download", "data_url", "data_sha256", "data_md5",  # where data came from
 })
 

@@ -100,10 +100,12 @@ def list_fields(config) -> str:
   comments = {k: v or _MEANINGS.get(k, "") for k, v in comments.items()}
   names = [k for k in comments if k in config]
   names += sorted(k for k in config.keys() if k not in comments)
-  width = max(len(f"{k} = {config[k]!r}") for k in names)
+  def show(v):  # a nested ConfigDict's repr spans lines (and ends in one)
+    return repr(v.to_dict() if hasattr(v, "to_dict") else v)
+  width = max(len(f"{k} = {show(config[k])}") for k in names)
   lines = []
   for k in names:
-    text = f"{k} = {config[k]!r}"
+    text = f"{k} = {show(config[k])}"
     lines.append(f"{text:<{width}}  # {comments[k]}" if comments.get(k)
                  else text)
   return "\n".join(lines)
@@ -132,14 +134,55 @@ def main(argv) -> None:
     config.method  # forces loading: a broken config file fails here
   except (OSError, AttributeError) as e:
     fail(f"cannot load config {path}: {str(e).splitlines()[0]}")
-  from bcl_jax import experiment  # heavy imports after flag parsing
   workdir = _WORKDIR.value or default_workdir(_config_path(), config.method)
+  from bcl_jax import experiment  # heavy imports after flag parsing
   try:
     experiment.run(config, workdir, config_name=_config_path())
-  except experiment.USER_ERRORS as e:
+  except KeyboardInterrupt as e:  # guard.Interrupted: SIGINT or SIGTERM
+    _drain()
+    code = getattr(e, "exit_code", 130)
+    fail("interrupted" if code == 130 else
+         f"stopped by {e.args[0] if e.args else 'a signal'}", code=code)
+  except MemoryError as e:
+    _drain()
+    fail(f"out of memory ({_first_line(e) or 'an allocation failed'}); "
+         "the run needs more memory than is free: reduce n_memories, "
+         "chunk_size, eval_batch_size, n_tasks or the runs, or free memory")
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, experiment.USER_ERRORS) and not _out_of_memory(e):
+      raise
+    _drain()
+    if _out_of_memory(e):
+      fail(f"out of memory on {_device()} ({_first_line(e)[:200]}); reduce "
+           "n_memories, chunk_size, eval_batch_size or the runs")
     fail(str(e))
-  except KeyboardInterrupt:
-    fail("interrupted", code=130)
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return lines[0] if lines else ""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  """An XLA allocation failure (``RESOURCE_EXHAUSTED``)."""
+  text = str(e)
+  return type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and (
+      "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+      or "out of memory" in text)
+
+
+def _device() -> str:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.devices()[0].platform
+
+
+def _drain() -> None:
+  """Waits for running computations so the exit cannot crash under them."""
+  try:
+    from bcl_jax import guard  # pylint: disable=import-outside-toplevel
+    guard.drain()
+  except BaseException:  # pylint: disable=broad-except
+    pass
 
 
 def _print_fields(path: str) -> None:
@@ -179,6 +222,13 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:
+    if "get_config" in str(e):
+      fail(f"config file {_config_path().split(':')[0]} defines no "
+           "get_config(); a config file is a Python file with "
+           "get_config(variant='') returning the config (see configs/)")
+    if _where(e):   # raised by the config file's code, not a --config.X
+      fail(f"cannot load config {_config_path().split(':')[0]}: "
+           f"{_where(e)}AttributeError: {_first_line(e)}")
     # A misspelt --config.FIELD: ml_collections says which and suggests one.
     msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
     msg = msg.replace("\\'", "'").replace("\\\"", '"')
@@ -187,10 +237,31 @@ def _parse_flags(argv):
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     head = lines[0].split(":", 1)[0]  # "flag --config=...": names the flag
     fail(f"{head}: {lines[-1]}" if len(lines) > 1 else lines[0])
+  except (SyntaxError, NameError, ImportError, ArithmeticError,
+          RuntimeError, OSError) as e:
+    # The config file itself fails to run: say where, in one line.
+    fail(f"cannot load config {_config_path().split(':')[0]}: "
+         f"{_where(e)}{type(e).__name__}: {_first_line(e)}")
+
+
+def _where(e: BaseException) -> str:
+  """``line N: `` of the config file where ``e`` arose (if known)."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  file = os.path.abspath(_config_path().split(":")[0])
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f"line {e.lineno}: "
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == file]
+  return f"line {frames[-1].lineno}: " if frames else ""
 
 
 def cli() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  from bcl_jax import guard  # pylint: disable=import-outside-toplevel
+  guard.exit_on_signals()  # experiment.run stops at chunk boundaries instead
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:  # during imports or flag parsing
+    fail("interrupted", code=130)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcl_jax import evaluation
+from bcl_jax import guard
 from bcl_jax import logs
 from bcl_jax import methods
 from bcl_jax.config import resolve
@@ -370,6 +371,8 @@ def _train_phase(setup: Setup, state, ph: Phase, data, tests, *,
                                       tests)
       metrics = jax.tree_util.tree_map(np.asarray, metrics)  # blocks
       out.seconds += time.perf_counter() - start
+      # SIGINT/SIGTERM stop here, where no computation is in flight.
+      guard.check_stop()
       real = valid[0, sl].any(-1)
       losses = metrics["loss"]
       bad = real & ~np.isfinite(losses)

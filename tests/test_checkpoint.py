@@ -119,7 +119,7 @@ def test_training_checkpoints_hold_each_tasks_state(tmp_path):
   m = checkpoint.Manager(wd)
   seen = {}
 
-  def on_task_end(t, state, accuracy, init_accuracy):
+  def on_task_end(t, state, accuracy, init_accuracy, lca_curve=None):
     seen[t] = jax.tree_util.tree_map(np.array, state)
     m.save(t, state, meta=resume.task_meta(accuracy, init_accuracy,
                                            runs_lib.runs_of(config)),
@@ -286,3 +286,42 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
   assert open(os.path.join(wd, "results.json")).read() == before
   assert again["timing"] == json.loads(before)["timing"]
   assert again["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+def test_edited_accuracy_in_meta_is_refused(reference, tmp_path):
+  wd = copy_run(reference, tmp_path / "w")
+  os.remove(os.path.join(wd, "results.json"))
+  meta_file = os.path.join(wd, "checkpoints", "3", "meta", "metadata")
+  text = open(meta_file).read()
+  number = json.dumps(accuracy_matrix(reference)[3][0])
+  digit = len(number) - 3
+  edited = number[:digit] + str((int(number[digit]) + 1) % 10) + \
+      number[digit + 1:]
+  assert text.count(number) >= 1
+  open(meta_file, "w").write(text.replace(number, edited, 1))
+  p = cli("bcl_jax.run", *QUICK, "--workdir", wd)
+  assert p.returncode == 2 and "Traceback" not in p.stderr
+  assert p.stderr.strip().splitlines() == [
+      f"error: checkpoint {wd}/checkpoints/3 is corrupt: its metadata or "
+      "config does not match the digest saved with them (edited or "
+      "damaged); resume from an earlier one with --config.resume_from=2 "
+      "(earlier checkpoints: [0, 1, 2])"]
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+@pytest.mark.parametrize("module", ["bcl_jax.run", "bcl_jax.evaluate"])
+def test_corrupt_array_metadatas_is_one_line(reference, tmp_path, module):
+  wd = copy_run(reference, tmp_path / "w")
+  folder = os.path.join(wd, "checkpoints", "3", "state", "array_metadatas")
+  for name in os.listdir(folder):
+    open(os.path.join(folder, name), "w").write("{not json")
+  os.remove(os.path.join(wd, "results.json"))
+  args = QUICK if module == "bcl_jax.run" else []
+  p = cli(module, *args, "--workdir", wd)
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.strip().splitlines() == [
+      f"error: checkpoint {wd}/checkpoints/3 is corrupt or does not fit this "
+      "config's state (array_metadatas/process_0: Expecting property name "
+      "enclosed in double quotes: line 1 column 2 (char 1)); resume from an "
+      "earlier one with --config.resume_from=2 (earlier checkpoints: "
+      "[0, 1, 2])"], p.stderr

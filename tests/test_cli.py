@@ -42,12 +42,18 @@ def test_quick_run_writes_every_output(tmp_path):
 @pytest.mark.parametrize("args,expect", [
     (["--config.lrr=0.1"], "unknown config field 'lrr'"),
     (["--config.lr=abc"], "could not convert"),
-    (["--config.batch_size=0"], "batch_size must be >= 1"),
+    (["--config.batch_size=0"], "batch_size must be >= "),
     (["--config.method=nope"], "method 'nope' is not one of"),
     (["--config.data_file=missing.pt"], "missing.pt: no such file"),
     (["--config.data_file=x.csv", "--config.data_path=" + ROOT],
      "x.csv"),
-], ids=["typo", "type", "value", "method", "missing", "format"])
+    (["--config.use=inf"], "use must be a finite number > 0"),
+    (["--config.seed=-1"], "seed must be a non-negative integer, got -1"),
+    (["--config.n_memories=10000000", "--config.checkpoint=False"],
+     "reduce n_memories"),
+    (["--config.chunk_size=1000000000"], "reduce chunk_size"),
+], ids=["typo", "type", "value", "method", "missing", "format", "inf",
+        "seed", "memories", "chunk"])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, expect):
   p = run_cli("--config", "configs/mnist.py", "--workdir",
               str(tmp_path / "w"), *args)
@@ -55,6 +61,37 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, expect):
   assert "Traceback" not in p.stderr
   lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
   assert len(lines) == 1 and expect in lines[0], p.stderr
+  assert not (tmp_path / "w").exists()   # a failed run leaves no workdir
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("def get_config(:\n", "cannot load config {}: line 1: SyntaxError: "),
+    ("from bcl_jax.config import default_config\n\n"
+     "def get_config():\n  return default_confg()\n",
+     "cannot load config {}: line 4: NameError: name 'default_confg' is not "
+     "defined"),
+    ("x = 1\n", "config file {} defines no get_config()"),
+], ids=["syntax", "undefined", "no-get_config"])
+def test_broken_config_file_is_one_line(tmp_path, text, expect):
+  path = tmp_path / "broken.py"
+  path.write_text(text)
+  p = run_cli("--config", str(path), "--workdir", str(tmp_path / "w"),
+              timeout=120)
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: " + expect.format(path)), p.stderr
+
+
+def test_xla_out_of_memory_is_recognised():
+  from bcl_jax import run
+
+  class XlaRuntimeError(RuntimeError):
+    pass
+  assert run._out_of_memory(XlaRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB."))
+  assert not run._out_of_memory(XlaRuntimeError("INTERNAL: other"))
+  assert not run._out_of_memory(RuntimeError("RESOURCE_EXHAUSTED"))
 
 
 def test_unwritable_workdir_is_reported_before_training(tmp_path):
