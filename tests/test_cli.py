@@ -123,6 +123,9 @@ def test_list_fields_prints_every_field_with_its_value():
   assert set(fields) == set(default_config().keys())
   assert fields["lr"].startswith("lr = 0.03 ")
   assert "# fraction (<= 1) or count (> 1) per task" in fields["use"]
+  # Another method's field: unset, and the line says who declares it.
+  assert fields["ewc_gamma"].startswith("ewc_gamma = None ")
+  assert "(ewc" in fields["ewc_gamma"]
   p = run_cli("--list_fields", "--config", "configs/mnist.py:quick",
               "--config.lr=0.5", timeout=120)
   assert p.returncode == 0, p.stderr
@@ -144,7 +147,8 @@ def test_console_scripts_resolve():
   import tomllib
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     scripts = tomllib.load(f)["project"]["scripts"]
-  assert set(scripts) == {"bcl-run", "bcl-evaluate", "bcl-report"}
+  assert set(scripts) == {"bcl-run", "bcl-evaluate", "bcl-report",
+                          "bcl-grid"}
   for target in scripts.values():
     module, attr = target.split(":")
     assert callable(getattr(importlib.import_module(module), attr))

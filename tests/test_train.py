@@ -51,7 +51,7 @@ def test_chunked_scan_equals_a_python_loop(method):
     data = train.phase(setup, t).data
     state = train.run_hook(setup, "begin_task", state, t, data)
     for c0 in range(0, 12, 4):
-      state, _ = train.run_chunk(setup, state, data,
+      state, _, _ = train.run_chunk(setup, state, data,
                                  jnp.asarray(idx_p[:, c0:c0 + 4]),
                                  jnp.asarray(val_p[:, c0:c0 + 4]),
                                  keys[None, c0:c0 + 4], t)

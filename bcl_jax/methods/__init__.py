@@ -44,11 +44,15 @@ def get(name: str) -> MethodSpec:
 
 
 def all_hparams() -> dict[str, HParam]:
-  """Every registered method's hyper-parameters by name (first wins).
-
-  Methods sharing a field agree on its type (a test checks it).
+  """Every registered method's hyper-parameters by name: the shared
+  declaration (``methods/hparams.py``) where there is one, else the first
+  method's. Methods sharing a field agree on its type (a test checks it).
   """
-  out: dict[str, HParam] = {}
+  from bcl_jax.methods import hparams as shared
+  out: dict[str, HParam] = {h.name: h for h in vars(shared).values()
+                            if isinstance(h, HParam)}
+  declared = {h.name for n in names() for h in get(n).hparams}
+  out = {k: v for k, v in out.items() if k in declared}
   for n in names():
     for h in get(n).hparams:
       out.setdefault(h.name, h)
