@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from bcl_jax import cli
+
 
 def evaluate(workdir: str, task: int | None = None, bench=None) -> dict:
   """Evaluates checkpoint ``task`` of ``workdir`` on every task.
@@ -37,16 +39,9 @@ def evaluate(workdir: str, task: int | None = None, bench=None) -> dict:
           "path": ck.path, "runs": ck.meta["runs"]}
 
 
-def _prog(script: str, module: str) -> str:
-  """The name the user typed: the console script or ``python -m``."""
-  if os.path.basename(sys.argv[0]) == script:
-    return script
-  return f"python -m {module}"
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog=_prog("bcl-evaluate", "bcl_jax.evaluate"),
+      prog=cli.prog_name("bcl-evaluate", "bcl_jax.evaluate"),
       description="Re-evaluate the state saved after a task on every task.")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
   parser.add_argument("--task", type=int, default=None,

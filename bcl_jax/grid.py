@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bcl_jax import cli
+
 METRICS = ("acc", "fm", "la")
 
 
@@ -172,7 +174,7 @@ def with_val(config_arg: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog="bcl-grid", description="A grid of settings: vmapped where it "
+      prog=cli.prog_name("bcl-grid", "bcl_jax.grid"), description="A grid of settings: vmapped where it "
       "can be, one program per shape; prints the table and the best setting.")
   p.add_argument("--config", required=True, help="configs/<file>.py[:variants]")
   p.add_argument("--grid", required=True,

@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from bcl_jax import cli
+
 from bcl_jax import metrics as metrics_lib
 from bcl_jax import results as results_lib
 
@@ -432,16 +434,9 @@ def _save(fig, base: str, formats) -> list[str]:
 
 # -------------------------------------------------------------------- CLI --
 
-def _prog(script: str, module: str) -> str:
-  """The name the user typed: the console script or ``python -m``."""
-  if os.path.basename(sys.argv[0]) == script:
-    return script
-  return f"python -m {module}"
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog=_prog("bcl-report", "bcl_jax.report"),
+      prog=cli.prog_name("bcl-report", "bcl_jax.report"),
       description="Compare runs: one row per benchmark x method x setting, "
       "mean ± sample std (ddof=1) over seeds.")
   parser.add_argument("paths", nargs="+", metavar="DIR",

@@ -24,10 +24,8 @@ Variants (comma-separated, e.g. ``:val,quick``):
 from bcl_jax.config import split_benchmark
 
 
-def get_config(variant: str = ""):
+def get_config(variant: str = ""):  # model auto: resnet18_reduced
   return split_benchmark(
-      "cifar", variant,
+      "cifar", variant, model="auto", eval_batch_size=500,
       bcl_dual=dict(lr=0.3, beta=0.1, inner_steps=2, n_meta=1, n_memories=65),
-      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=100),
-      model="auto",          # -> resnet18_reduced for flat 3072 inputs
-      eval_batch_size=500)   # a CIFAR task's test set
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=100))

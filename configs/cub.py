@@ -27,14 +27,9 @@ Variants (comma-separated, e.g. ``:val,quick``):
 from bcl_jax.config import split_benchmark
 
 
-def get_config(variant: str = ""):
+def get_config(variant: str = ""):  # a smoke run skips the ImageNet weights
   return split_benchmark(
-      "cub", variant,
-      bcl_dual=dict(n_memories=50),  # lr 0.03 etc.: the methods' defaults
-      # A smoke run skips the ImageNet weights (nothing to download).
+      "cub", variant, model="resnet18", pretrained="torchvision",
+      eval_batch_size=50, chunk_size=20, bcl_dual=dict(n_memories=50),
       quick=dict(n_tasks=2, use=20, chunk_size=2, eval_batch_size=20,
-                 pretrained=""),
-      model="resnet18",
-      pretrained="torchvision",  # ImageNet weights, downloaded once
-      eval_batch_size=50,        # 224x224 activations: small chunks
-      chunk_size=20)
+                 pretrained=""))

@@ -23,10 +23,8 @@ Variants (comma-separated, e.g. ``:val,quick``):
 from bcl_jax.config import split_benchmark
 
 
-def get_config(variant: str = ""):
+def get_config(variant: str = ""):  # model auto: resnet18_reduced
   return split_benchmark(
-      "mini", variant,
+      "mini", variant, model="auto", eval_batch_size=100, chunk_size=50,
       bcl_dual=dict(lr=0.05, beta=0.1, inner_steps=2, n_meta=1, n_memories=65),
-      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=50),
-      model="auto",          # -> resnet18_reduced for 3x84x84 inputs
-      eval_batch_size=100, chunk_size=50)
+      quick=dict(n_tasks=2, use=50, chunk_size=5, eval_batch_size=50))

@@ -17,11 +17,9 @@
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-BENCHMARK="${BENCHMARK:-mnist}"
-SEEDS="${SEEDS:-3}"
-RESULTS="${RESULTS:-results/baselines-${BENCHMARK}-$(date +%Y%m%d-%H%M%S)}"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
+PYTHON="${PYTHON:-python}" BENCHMARK="${BENCHMARK:-mnist}" SEEDS="${SEEDS:-3}"
+RESULTS="${RESULTS:-results/baselines-${BENCHMARK}-$(date +%Y%m%d-%H%M%S)}"
 if [[ -z "${METHODS:-}" ]]; then
   METHODS="$("$PYTHON" -c 'from bcl_jax import methods; print(*methods.names())')"
 fi

@@ -62,27 +62,24 @@ def add_subcommands(subparsers: Any) -> None:
   Each subcommand sets ``func`` to a function of the parsed arguments that
   writes ``<out-dir>/<name>-val.npz`` and ``<name>-cl.npz`` and returns None.
   """
-  p = subparsers.add_parser(
-      "cifar100", help="Split CIFAR-100 -> cifar-val.npz, cifar-cl.npz")
-  _common_args(p, "cifar-100-python.tar.gz, the extracted cifar-100-python "
-               "folder, GEM's raw cifar100.pt, or tfds:DIR (a TFDS data dir)")
-  p.set_defaults(func=_run_cifar100)
+  def add(name, stem, title, source_help, func, size=None):
+    p = subparsers.add_parser(
+        name, help=f"Split {title} -> {stem}-val.npz, {stem}-cl.npz")
+    _common_args(p, source_help)
+    if size:
+      p.add_argument("--size", type=int, default=size,
+                     help=f"output height and width (default: {size})")
+    p.set_defaults(func=func)
+    return p
 
-  p = subparsers.add_parser(
-      "cub", help="Split CUB-200-2011 -> cub-val.npz, cub-cl.npz")
-  _common_args(p, "CUB_200_2011.tgz, the extracted CUB_200_2011 folder, or "
-               "tfds:DIR")
-  p.add_argument("--size", type=int, default=224,
-                 help="output height and width (default: 224)")
-  p.set_defaults(func=_run_cub)
-
-  p = subparsers.add_parser(
-      "mini", help="Split miniImageNet -> mini-val.npz, mini-cl.npz")
-  _common_args(p, "a folder with mini-imagenet-cache-{train,val,test}.pkl, "
-               "or a folder of class subfolders of images")
-  p.add_argument("--size", type=int, default=84,
-                 help="output height and width (default: 84)")
+  add("cifar100", "cifar", "CIFAR-100", "cifar-100-python.tar.gz, the "
+      "extracted cifar-100-python folder, GEM's raw cifar100.pt, or tfds:DIR "
+      "(a TFDS data dir)", _run_cifar100)
+  add("cub", "cub", "CUB-200-2011", "CUB_200_2011.tgz, the extracted "
+      "CUB_200_2011 folder, or tfds:DIR", _run_cub, size=224)
+  p = add("mini", "mini", "miniImageNet", "a folder with mini-imagenet-cache-"
+          "{train,val,test}.pkl, or a folder of class subfolders of images",
+          _run_mini, size=84)
   p.add_argument("--train-per-class", type=int, default=500,
                  help="the first N images of each class train, the rest "
                  "test (default: 500)")
-  p.set_defaults(func=_run_mini)
