@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 
 from bcl_jax import methods, train
+from bcl_jax.data import load_benchmark
 from bcl_jax.data.benchmark import Task, make_benchmark
 from bcl_jax.methods import api, ftml
 
 import np_reference as ref
 import np_reference_ftml as nref
 from helpers import batch as make_batch, tiny_config
-from test_methods import (O, T, assert_params_close, assert_ring_equal,
+from test_benchmarks_e2e import _config, cifar_data  # noqa: F401 (fixture)
+from test_methods import (T, assert_params_close, assert_ring_equal,
                           make_config, make_ctx, np_cfg, stream)
 
 
@@ -225,3 +227,26 @@ def test_offline_run_matches_numpy_joint_training():
   assert out["timing"]["per_task"][T - 1]["steps"] == index.shape[0]
   assert all(p["steps"] == 0 for p in out["timing"]["per_task"][:T - 1])
   assert np.mean(acc[T - 1]) > np.mean(untrained) + 0.1  # it learned
+
+
+# ------------------------------------------------- tiny split CIFAR (BN) --
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ftml", "offline"])
+def test_tiny_split_cifar_with_batchnorm(name, cifar_data):
+  """Both methods end to end on a reduced ResNet-18 (BatchNorm), 2 tasks."""
+  config = _config("cifar", data_path=str(cifar_data), method=name)
+  bench = load_benchmark(config)
+  out = train.train_and_evaluate(config, bench, log=lambda *_: None)
+  setup = out["setup"]
+  assert setup.ctx.model.name == "resnet18_reduced"
+  acc = out["accuracy"][0]
+  assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 1))
+  start = train.init_state(setup).variables["batch_stats"]
+  end = out["state"].variables["batch_stats"]
+  for before, after in zip(jax.tree_util.tree_leaves(start),
+                           jax.tree_util.tree_leaves(end)):
+    assert np.all(np.isfinite(after))
+    assert not np.allclose(before, after)  # every BN layer trained
+  if name == "offline":  # nothing learned before the last task
+    np.testing.assert_allclose(acc[0], out["init_accuracy"][0], atol=1e-6)

@@ -23,10 +23,12 @@ reference returns. ``adapt`` is the reference's test-time adaptation
 (:mod:`bcl_jax.methods.adaptation`, ``inner_steps`` full-batch steps at
 ``adapt_lr`` on each seen task's memory).
 
-Differs from the reference: a past task's row is used through its filled
-mask; the reference takes the whole row, so a task with fewer than
-``n_memories`` samples would train on uninitialised slots (never the case on
-the paper's benchmarks, where every task fills its row).
+Differs from the reference: a memory row is always used through its filled
+mask. The reference does so only for the current task during training; for
+a past task's meta step, and for every task in test-time adaptation, it
+takes the whole row, so a task with fewer than ``n_memories`` samples would
+train on uninitialised slots (never the case on the paper's benchmarks,
+where every task fills its row).
 """
 
 from __future__ import annotations
