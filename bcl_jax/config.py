@@ -150,6 +150,7 @@ def split_benchmark(name: str, variant: str, *, bcl_dual: dict,
   c.data_file = f"{name}-cl.npz"
   c.n_tasks = 0  # every task of the file
   c.presets.bcl_dual = bcl_dual
+  c.presets.offline = dict(n_epochs=2)  # the reference's offline bound
   c.update(fields)
   return apply_variants(
       c, variant, f"configs/{name}.py", val=dict(data_file=f"{name}-val.npz"),

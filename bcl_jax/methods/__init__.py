@@ -24,6 +24,8 @@ _REGISTRY = {
     "gem": "bcl_jax.methods.gem",
     "agem": "bcl_jax.methods.agem",
     "icarl": "bcl_jax.methods.icarl",
+    "ftml": "bcl_jax.methods.ftml",
+    "offline": "bcl_jax.methods.offline",
 }
 
 
