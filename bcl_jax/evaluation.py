@@ -25,6 +25,15 @@ from bcl_jax.runs import RunAxis
 TRACE_COUNTS = {"evaluate": 0}
 
 
+def batch_size(bench: Benchmark, eval_bs: int) -> int:
+  """The evaluation chunk: ``eval_bs``, but no larger than the largest test
+  set, so a small test set is not padded up to a large ``eval_bs`` (split
+  CIFAR's 100-image test sets with ``eval_batch_size=500`` computed 5x the
+  rows)."""
+  n_max = max(t.x_test.shape[0] for t in bench.tasks)
+  return max(1, min(int(eval_bs), n_max))
+
+
 def stack_tests(bench: Benchmark, eval_bs: int):
   """All test sets as ``(x [T, N], y [T, N], valid [T, N])``, ``N`` the
   largest test set rounded up to a multiple of ``eval_bs``."""
@@ -63,7 +72,7 @@ class Evaluator:
     self.method = method
     self.class_mask = np.asarray(bench.class_mask)
     self.axis = axis
-    self.eval_bs = int(eval_bs)
+    self.eval_bs = batch_size(bench, eval_bs)
     self.tests = axis.place_shared(stack_tests(bench, self.eval_bs))
 
   def _fn(self, state, x, y, valid, seen):

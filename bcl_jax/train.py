@@ -214,7 +214,8 @@ def _chunk_fn(setup: Setup, state, data, index, valid, keys, task, pos,
   observe, axis, method = setup.method.observe, setup.axis, setup.method
   beta = lca_batches(setup)
   class_mask = jnp.asarray(setup.bench.class_mask)
-  eval_bs = int(setup.config.eval_batch_size)
+  eval_bs = evaluation.batch_size(setup.bench,
+                                  int(setup.config.eval_batch_size))
 
   def curve_point(s, p):
     if not beta:

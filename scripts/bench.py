@@ -1,48 +1,165 @@
-"""Speed of the compiled observe step, against FLOPs and the machine's matmul.
+"""Speed of the training loop's compiled observe step, FLOPs counted from the
+program.
 
-    python scripts/bench.py                       # bcl_dual, permuted MNIST, N=1,4,16
-    python scripts/bench.py --runs 1 --method er
-    python scripts/bench.py --benchmark cifar     # reduced ResNet-18 shapes
+    python scripts/bench.py --benchmark cifar               # issue-11 table
+    python scripts/bench.py --benchmark mnist --runs 1,4,16 # vmapped runs
+    python scripts/bench.py --benchmark mini --method er --steps 10
+    python scripts/bench.py --benchmark cifar --conv conv   # XLA convs
 
-For each number of vmapped runs N it builds the program of
-``bcl_jax.train`` (the same code ``python -m bcl_jax.run`` executes), compiles
-the chunk step, then times whole chunks of ``--steps`` observe steps on a
-middle task (replay active) and reports: compile time, ms per (run-batched)
-observe step, samples/s over all runs, achieved GFLOP/s and its ratio to this
-machine's f32 matmul rate measured in the same process, plus the FLOP floor
-(the step's FLOPs at the matmul rate) and how far the step is from it.
+Data are random arrays of the benchmark's real shapes (no files): permuted
+MNIST (784 floats, 10 tasks of 10 classes), split CIFAR (3x32x32 uint8, 17
+tasks of 5 classes, reduced ResNet-18), miniImageNet (3x84x84, 17 tasks,
+reduced ResNet-18), CUB (3x224x224, 10 tasks of 20 classes, ResNet-18). The
+hyper-parameters are those of ``configs/<benchmark>.py``.
 
-FLOPs are counted analytically from the layer shapes (see ``step_flops``):
-only matmuls/convolutions, forward ``2*MAC`` per row, backward ``2*MAC`` for
-the weight gradients plus ``2*MAC`` for the input gradients of every layer but
-the first. Rows are what the compiled step really computes (padding rows of
-the fixed-shape replay and outer batches included).
+For each number of runs N, the program of ``bcl_jax.train`` (the one ``python
+-m bcl_jax.run`` executes) is built and its chunks of ``--steps`` observe
+steps are timed on task 0 (no replay), task 1 (early) and the last task
+(late: every memory row eligible), compilation excluded and reported apart.
+Reported: ms per step per phase; rows computed vs useful per step (bcl_dual,
+bcl_single, er, single; from the method's shapes); GFLOP/s against this
+machine's f32 1024^3 matmul measured in the same run; evaluation seconds
+(every task's test set); and the whole-run estimate for the real dataset
+sizes (``--train-per-task``, ``--test-per-task``).
 
-A correctness check: run 0 of each N-run program must match the same seed
-run alone (N=1) after the first chunk (relative L2 difference < 1e-4; batched
-kernels may round differently, and training amplifies rounding over long
-horizons, so the check is made early).
+FLOPs are counted from the traced program (:func:`jaxpr_flops`): the jaxpr of
+one observe step of one run, summing ``2 * MACs`` of every ``dot_general`` and
+``conv_general_dilated``, multiplying ``scan`` bodies by their length and
+taking the larger branch of a ``cond`` (so the count is an upper bound where
+a branch is skipped at run time, as the replay is at task 0). Elementwise
+work (BatchNorm, losses, SGD) is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bcl_jax import train  # noqa: E402
-from bcl_jax.config import default_config  # noqa: E402
-from bcl_jax.methods import bcl_dual  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.extend import core as jcore  # noqa: E402
+
+SHAPES = {
+    # name: (input shape, dtype, n_tasks, classes per task, task-incremental,
+    #        real train / test images per task, config file)
+    "mnist": ((784,), np.float32, 10, 10, False, 1000, 10000, "mnist"),
+    "cifar": ((3072,), np.uint8, 17, 5, True, 2500, 500, "cifar"),
+    "mini": ((3, 84, 84), np.uint8, 17, 5, True, 2500, 500, "mini"),
+    "cub": ((3, 224, 224), np.uint8, 10, 20, True, 600, 580, "cub"),
+}
 
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+# -- FLOPs from the program -------------------------------------------------
+
+def _sub_jaxprs(params):
+  for v in params.values():
+    for item in (v if isinstance(v, (list, tuple)) else (v,)):
+      if isinstance(item, jcore.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jcore.Jaxpr):
+        yield item
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """FLOPs (2 x multiply-adds) of the matmuls and convolutions of a jaxpr.
+
+  ``scan`` bodies count ``length`` times; a ``cond`` counts its most
+  expensive branch; a ``while`` body counts once (its trip count is not
+  known statically; the training step has none); calls (``pjit``, custom
+  derivatives, remat) count their inner jaxpr.
+  """
+  if isinstance(jaxpr, jcore.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      contract = math.prod(lhs[d] for d in lc)
+      total += 2.0 * math.prod(out) * contract
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      out = eqn.outvars[0].aval.shape
+      # Per output element: the kernel's spatial size x its input features.
+      spatial = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+      total += 2.0 * math.prod(out) * spatial * rhs[dn.rhs_spec[1]]
+    elif name == "scan":
+      total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
+    elif name == "cond":
+      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+    else:
+      total += sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
+  return total
+
+
+def observe_flops(setup, state) -> float:
+  """FLOPs of one observe step of one run, from its jaxpr."""
+  one = jax.tree_util.tree_map(lambda a: a[0], state)
+  b = int(setup.config.batch_size)
+  shape = (b,) + tuple(setup.ctx.input_shape)
+  batch = setup_batch(shape, setup.ctx.input_dtype)
+  jaxpr = jax.make_jaxpr(setup.method.observe)(one, batch,
+                                               jax.random.PRNGKey(0))
+  return jaxpr_flops(jaxpr)
+
+
+def setup_batch(shape, dtype):
+  from bcl_jax.methods import api
+  b = shape[0]
+  return api.Batch(x=jnp.zeros(shape, dtype), y=jnp.zeros((b,), jnp.int32),
+                   valid=jnp.ones((b,), bool), task=jnp.int32(1),
+                   tasks=jnp.ones((b,), jnp.int32))
+
+
+# -- rows -------------------------------------------------------------------
+
+def step_rows(method: str, hp, batch: int, t: int, n_tasks: int):
+  """``(computed, useful)`` network rows (forward + backward) of one observe
+  step at task ``t``, or None for a method this table does not model.
+
+  Computed: the fixed shapes the program runs (minus what a ``cond`` skips,
+  see :func:`replay_rows`); useful: rows that are real samples.
+  """
+  from bcl_jax.methods import bcl_dual
+  rbs = int(hp.get("replay_batch_size", 0) or 0)
+  if method == "bcl_dual":
+    n_mem, n_val = bcl_dual.memory_sizes(hp)
+    inner, meta = int(hp.inner_steps), int(hp.n_meta)
+    k_rep, k_out = min(n_mem, rbs), min(n_tasks * n_val, rbs)
+    rep = k_rep if t > 0 else 0
+    computed = meta * (inner * (batch + replay_rows(k_rep, t)) + k_out)
+    useful = meta * (inner * (batch + rep) + min((t + 1) * n_val, rbs))
+    return computed, useful
+  if method in ("er", "bcl_single"):
+    k = min(int(hp.n_memories), rbs)
+    inner = int(hp.get("inner_steps", 1))
+    rep = min(k, t * int(hp.n_memories))
+    return (inner * (batch + replay_rows(k, t)), inner * (batch + rep))
+  if method == "single":
+    return batch, batch
+  return None
+
+
+def replay_rows(k: int, t: int) -> int:
+  """Replay rows the program computes at task ``t`` (all ``k``: no branch
+  skips them)."""
+  del t
+  return k
+
+
+# -- timing -----------------------------------------------------------------
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
   """Best-of f32 ``n x n`` matmul rate of this backend, in GFLOP/s."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
@@ -56,181 +173,165 @@ def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def mlp_macs(dims) -> tuple[int, int]:
-  """(MACs per row, MACs of the first layer) of an MLP."""
-  macs = [a * b for a, b in zip(dims[:-1], dims[1:])]
-  return sum(macs), macs[0]
-
-
-def step_flops(config, n_tasks: int, input_dim: int, n_out: int,
-               macs_row: int | None = None, first_macs: int = 0) -> float:
-  """Analytic FLOPs of one observe step (one run)."""
-  if macs_row is None:
-    macs_row, first_macs = mlp_macs([input_dim, *config.hidden, n_out])
-  fwd_bwd = 2 * macs_row + 2 * macs_row + 2 * (macs_row - first_macs)
-  fwd = 2 * macs_row
-  b = config.batch_size
-  if config.method == "bcl_dual":
-    n_mem, n_val = bcl_dual.memory_sizes(config)
-    rep = min(n_mem, config.replay_batch_size)
-    outer = min(n_tasks * n_val, config.replay_batch_size)
-    rows = config.n_meta * (config.inner_steps * (b + rep) + outer)
-    extra = 0
-    if config.meta_gradient == "unrolled":  # second reverse pass, roughly
-      extra = config.n_meta * config.inner_steps * (b + rep) * 2 * fwd_bwd
-    return rows * fwd_bwd + extra
-  if config.method in ("er", "bcl_single"):
-    rep = min(config.n_memories, config.replay_batch_size)
-    return config.inner_steps * (b + rep) * fwd_bwd
-  del fwd
-  return b * fwd_bwd
-
-
-def mnist_bench(n_tasks=10):
-  from bcl_jax.data import load_benchmark
-  c = default_config()
-  c.n_tasks = n_tasks
-  return load_benchmark(c)
-
-
-def cifar_like(n_tasks=17, n_per_task=500):
+def random_benchmark(name: str, n_train: int, n_test: int):
+  """Random data of ``name``'s shapes: ``n_train`` / ``n_test`` per task."""
   from bcl_jax.data.benchmark import Task, make_benchmark
+  shape, dtype, n_tasks, cpt, incremental = SHAPES[name][:5]
   rng = np.random.default_rng(0)
   tasks = []
   for t in range(n_tasks):
-    x = rng.integers(0, 256, (n_per_task, 3072), dtype=np.uint8)
-    y = rng.integers(5 * t, 5 * t + 5, n_per_task)
-    tasks.append(Task(x, y, x[:100], y[:100]))
-  return make_benchmark("cifar-like", tasks, task_incremental=True)
+    def draw(n):
+      if dtype == np.uint8:
+        x = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+      else:
+        x = rng.random((n,) + shape, dtype=np.float32)
+      lo = cpt * t if incremental else 0
+      return x, rng.integers(lo, lo + cpt, n).astype(np.int64)
+    tasks.append(Task(*draw(n_train), *draw(n_test)))
+  return make_benchmark(f"random-{name}", tasks, task_incremental=incremental)
 
 
-def time_program(config, bench, n_runs: int, steps: int, reps: int):
-  config = config.copy_and_resolve_references()
-  config.num_seeds = n_runs
-  config.chunk_size = steps
-  runs = train.expand_runs(config)
-  prog = train.Program(config, bench, runs)
-  state = prog.init()
-  # Put a few tasks' worth of memory in place so replay is active: learn
-  # task 0 briefly, then time on task 1.
-  task_id = 1
-  state = prog.begin_task(state, 0)
-  x0 = jnp.asarray(bench.tasks[0].x_train)
-  y0 = jnp.asarray(bench.tasks[0].y_train)
-  x1 = jnp.asarray(bench.tasks[task_id].x_train)
-  y1 = jnp.asarray(bench.tasks[task_id].y_train)
+def make_config(args, n_runs: int):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs",
+                      SHAPES[args.benchmark][7] + ".py")
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.method = args.method
+  c.num_seeds = n_runs
+  c.chunk_size = args.steps
+  c.use = args.steps * c.batch_size  # one chunk per timed phase
+  c.progress = False
+  c.lca_batches = args.lca_batches
+  c.run_batching = args.run_batching
+  c.pretrained = ""
+  return c
 
-  def chunk_args(task, x, y, offset):
-    order = [train.task_order(x.shape[0], 1.0, config.batch_size, r.seed, task)
-             for r in runs]
-    index = np.stack([np.resize(o[0], (steps, config.batch_size))
-                      for o in order])
-    valid = np.ones_like(index, bool)
-    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(r.seed + offset),
-                                       steps) for r in runs])
-    return (x, y, jnp.asarray(index), jnp.asarray(valid), keys)
 
-  args0 = chunk_args(0, x0, y0, 0)
+def time_phases(args, n_runs: int, bench, peak: float) -> dict:
+  """Builds the program for ``n_runs`` runs and times its phases."""
+  from bcl_jax import evaluation, methods, train
+  c = make_config(args, n_runs)
+  setup = train.build(c, bench)
+  hp = methods.hparams_of(setup.config)
+  state = train.init_state(setup)
+  flops = observe_flops(setup, state)
+  evaluate = evaluation.Evaluator(setup.method, bench, setup.axis,
+                                  int(setup.config.eval_batch_size))
+  n_tasks = bench.n_tasks
+  out = {"flops": flops, "phases": {}}
   t0 = time.perf_counter()
-  prog.compile_chunk(state, *args0)
-  compile_s = time.perf_counter() - t0
-  state, _ = prog.run_chunk(state, *args0, 0)
-  # For the correctness check: run 0's parameters after the first chunk.
-  first = jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
-                                 state.variables["params"])
-  state = prog.begin_task(state, task_id)
-  times = []
-  for r in range(reps):
-    args = chunk_args(task_id, x1, y1, 1000 + r)
-    t = time.perf_counter()
-    state, losses = prog.run_chunk(state, *args, task_id)
-    jax.block_until_ready(losses)
-    times.append(time.perf_counter() - t)
-  return compile_s, times, first
+  for t, label in ((0, "task 0"), (1, "early (1)"),
+                   (n_tasks - 1, f"late ({n_tasks - 1})")):
+    ph = train.phase(setup, t)
+    data = setup.axis.place_shared(ph.data)
+    state = train.run_hook(setup, "begin_task", state, t, data)
+    best = float("inf")
+    for _ in range(args.reps):
+      state, res = train._train_phase(setup, state, ph, data, evaluate.tests,
+                                      desc="", progress=False)
+      best = min(best, res.seconds / res.steps)
+    rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks)
+    out["phases"][label] = {"t": t, "ms": 1000 * best, "rows": rows}
+  out["compile_s"] = setup.axis.compile_seconds
+  evaluate(state, n_tasks - 1)  # compiles
+  te = time.perf_counter()
+  evaluate(state, n_tasks - 1)
+  out["eval_s"] = time.perf_counter() - te
+  out["compile_s"] = setup.axis.compile_seconds
+  out["wall_s"] = time.perf_counter() - t0
+  out["eval_bs"] = evaluate.eval_bs
+  out["tests_n"] = int(evaluate.tests[0].shape[1])
+  out["peak"] = peak
+  return out
 
 
-def main():
+def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int) -> float:
+  """Seconds of a whole run: task 0 at its rate, tasks 1..T-1 interpolated
+  linearly between the early and late rates, one evaluation per task, plus
+  compilation."""
+  ph = list(res["phases"].values())
+  ms0, ms1, msl = ph[0]["ms"], ph[1]["ms"], ph[2]["ms"]
+  train_ms = ms0 * steps_per_task
+  for t in range(1, n_tasks):
+    w = (t - 1) / max(n_tasks - 2, 1)
+    train_ms += ((1 - w) * ms1 + w * msl) * steps_per_task
+  return train_ms / 1000 + n_tasks * res["eval_s"] + res["compile_s"]
+
+
+def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
+  name = args.benchmark
+  n_tasks = bench.n_tasks
+  real_train, real_test = SHAPES[name][5], SHAPES[name][6]
+  steps = math.ceil(real_train / c_batch)
+  peak, flops = res["peak"], res["flops"]
+  print(f"\n{args.method} on {name} shapes ({bench.tasks[0].x_train.shape[1:]}"
+        f"), N={n_runs} run(s), conv={args.conv}: "
+        f"{flops / 1e9:.3f} GFLOP per observe step per run (jaxpr count)")
+  print("| phase | ms / step | ms / step / run | rows computed / useful | "
+        "useful % | GFLOP/s | % of matmul |")
+  print("|---|---|---|---|---|---|---|")
+  for label, p in res["phases"].items():
+    rows = p["rows"]
+    rtxt = f"{rows[0]} / {rows[1]}" if rows else "-"
+    use = f"{100 * rows[1] / rows[0]:.0f}%" if rows else "-"
+    # Counted FLOPs scaled to the rows this phase really computes.
+    f = flops if not rows else flops * rows[0] / step_rows(
+        args.method, res["hp"], c_batch, 1, n_tasks)[0]
+    g = n_runs * f / (p["ms"] / 1000) / 1e9
+    print(f"| {label} | {p['ms']:.1f} | {p['ms'] / n_runs:.1f} | {rtxt} | "
+          f"{use} | {g:.1f} | {100 * g / peak:.0f}% |")
+  est = whole_run_estimate(res, n_tasks, steps)
+  print(f"matmul f32 1024^3: {peak:.1f} GFLOP/s; compile {res['compile_s']:.1f}"
+        f" s (all executables); evaluation of all {n_tasks} test sets "
+        f"({res['tests_n']} rows each as computed, batch {res['eval_bs']}): "
+        f"{res['eval_s']:.2f} s")
+  print(f"whole-run estimate ({n_tasks} tasks x {real_train} train images = "
+        f"{steps} steps/task, evaluation after each task, compile): "
+        f"{est:.0f} s  [test sets here: {bench.tasks[0].x_test.shape[0]} "
+        f"images/task; real: {real_test}]")
+
+
+def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--benchmark", default="mnist", choices=["mnist", "cifar"])
+  ap.add_argument("--benchmark", default="cifar", choices=sorted(SHAPES))
   ap.add_argument("--method", default="bcl_dual")
-  ap.add_argument("--runs", default="1,4,16")
-  ap.add_argument("--steps", type=int, default=100,
-                  help="observe steps per timed chunk")
-  ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--meta-gradient", default="first_order")
+  ap.add_argument("--runs", default="1", help="comma-separated run counts N")
+  ap.add_argument("--steps", type=int, default=10,
+                  help="observe steps per timed phase (one chunk)")
+  ap.add_argument("--reps", type=int, default=2,
+                  help="timed passes per phase (best is reported)")
+  ap.add_argument("--test-per-task", type=int, default=0,
+                  help="test images per task (0: the real size)")
+  ap.add_argument("--lca-batches", type=int, default=0,
+                  help="learning-curve points measured per task (the "
+                  "reference's default run measures none)")
+  ap.add_argument("--conv", default="auto", choices=["auto", "im2col", "conv"],
+                  help="ResNet convolution implementation (CONV_IMPL)")
   ap.add_argument("--run-batching", default="auto",
                   choices=["auto", "vmap", "map"])
-  ap.add_argument("--no-check", action="store_true")
-  ap.add_argument("--full-run", action="store_true",
-                  help="also time a whole N=1 run over every task")
   args = ap.parse_args()
 
-  c = default_config()
-  c.method = args.method
-  c.meta_gradient = args.meta_gradient
-  c.progress = False
-  if args.benchmark == "mnist":
-    from configs.mnist import get_config
-    c = get_config()
-    c.method, c.meta_gradient, c.progress = (args.method, args.meta_gradient,
-                                             False)
-    bench = mnist_bench()
-    macs = None
-    first = 0
-  else:
-    from bcl_jax.models.resnet import make_resnet  # noqa: F401
-    c.lr, c.beta, c.inner_steps, c.n_meta, c.n_memories = 0.3, 0.1, 2, 1, 65
-    bench = cifar_like()
-    macs, first = 14_085_760, 3 * 20 * 9 * 32 * 32
-  c.run_batching = args.run_batching
-  flops = step_flops(c, bench.n_tasks, bench.n_inputs, bench.n_outputs,
-                     macs, first)
+  from bcl_jax import methods
+  from bcl_jax.models import resnet
+  resnet.CONV_IMPL = args.conv
+  try:
+    methods.get(args.method)
+  except (KeyError, ValueError) as e:
+    ap.exit(2, f"error: {e}\n")
+  n_test = args.test_per_task or SHAPES[args.benchmark][6]
+  bench = random_benchmark(args.benchmark, args.steps * 10, n_test)  # batch 10 in every config
   peak = matmul_gflops()
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPUs; f32 matmul 1024^3: {peak:.1f} GFLOP/s")
-  print(f"runs batched by: {args.run_batching} "
-        f"(auto = map on one CPU device, vmap otherwise)")
-  print(f"{args.method} on {bench.name}: {flops / 1e6:.1f} MFLOP per observe "
-        f"step per run (analytic)")
-  runs = [int(r) for r in args.runs.split(",")]
-  header = (f"{'N':>3} {'compile s':>9} {'ms/step':>8} {'ms/step/run':>11} "
-            f"{'samples/s':>10} {'GFLOP/s':>8} {'% matmul':>8} "
-            f"{'x floor':>7}")
-  print(header)
-  print("-" * len(header))
-  finals = {}
-  for n in runs:
-    comp, times, state = time_program(c, bench, n, args.steps, args.reps)
-    best = min(times)
-    ms = 1000 * best / args.steps
-    gflops = n * flops * args.steps / best / 1e9
-    floor_ms = 1000 * n * flops / (peak * 1e9)
-    print(f"{n:>3} {comp:>9.2f} {ms:>8.3f} {ms / n:>11.3f} "
-          f"{n * c.batch_size * args.steps / best:>10.0f} {gflops:>8.2f} "
-          f"{100 * gflops / peak:>7.1f}% {ms / floor_ms:>7.2f}", flush=True)
-    finals[n] = state
-  if args.full_run:
-    full = c.copy_and_resolve_references()
-    full.num_seeds = 1
-    t0 = time.perf_counter()
-    out = train.train_and_evaluate(full, bench, log=lambda *_: None)
-    wall = time.perf_counter() - t0
-    t = out["timing"]
-    acc = float(out["accuracy"][0, -1].mean())
-    print(f"full run, N=1, {bench.n_tasks} tasks: wall {wall:.1f}s (train "
-          f"{t['train_seconds']:.1f}s, compile {t['compile_seconds']:.1f}s), "
-          f"{t['ms_per_step']:.3f} ms/step, {t['samples_per_second']:.0f} "
-          f"samples/s, ACC {acc:.4f}")
-  if not args.no_check and 1 in finals:
-    ref = np.concatenate([a.ravel() for a in
-                          jax.tree_util.tree_leaves(finals[1])])
-    for n, first in finals.items():
-      got = np.concatenate([a.ravel() for a in
-                            jax.tree_util.tree_leaves(first)])
-      err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-      print(f"check: run 0 of N={n} vs N=1 (same seed), after {args.steps} "
-            f"steps: relative L2 difference {err:.1e} "
-            f"{'OK' if err < 1e-4 else 'MISMATCH'}")
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+  for n in (int(r) for r in args.runs.split(",")):
+    res = time_phases(args, n, bench, peak)
+    c = make_config(args, n)
+    res["hp"] = methods.hparams_of(c)
+    print_table(args, n, res, bench, int(c.batch_size))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot accelerator check for whoever has a GPU: correctness of the
-# vmapped runs, then the speed table (bcl_dual, permuted MNIST and split-CIFAR
-# shapes, N = 1, 4, 16 runs). Fits in about 8 minutes on one H100.
+# vmapped runs, then scripts/bench.py's tables (bcl_dual; permuted MNIST and
+# split-CIFAR shapes at N = 1, 4, 16 runs; miniImageNet at N = 1). Fits in
+# about 8 minutes on one H100.
 #
 #   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
 #
@@ -17,9 +18,12 @@ PY
 echo "== correctness: vmapped seeds and sweep points equal separate runs"
 timeout 180 python -m pytest -q -p no:cacheprovider tests/test_runs.py \
   -k "vmapped_seeds or sweep_grid"
-echo "== bcl_dual, permuted MNIST (embedded digits)"
+echo "== bcl_dual, permuted MNIST shapes (MLP), N = 1, 4, 16 runs"
 timeout 150 python scripts/bench.py --benchmark mnist --runs 1,4,16 \
-  --steps 200 --reps 5
-echo "== bcl_dual, split-CIFAR shapes (reduced ResNet-18)"
+  --steps 100 --reps 3
+echo "== bcl_dual, split-CIFAR shapes (reduced ResNet-18): the issue-11 table"
 timeout 200 python scripts/bench.py --benchmark cifar --runs 1,4,16 \
-  --steps 50 --reps 3
+  --steps 20 --reps 2
+echo "== bcl_dual, miniImageNet shapes (84x84)"
+timeout 100 python scripts/bench.py --benchmark mini --runs 1 --steps 20 \
+  --reps 2

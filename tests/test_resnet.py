@@ -142,12 +142,17 @@ def test_images_to_nhwc_channel_order():
 @pytest.mark.parametrize("kernel,stride,padding,side", [
     (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (1, 2, 0, 8), (1, 2, 0, 7),
     (7, 2, 3, 12), (7, 2, 3, 11)])
-def test_conv2d_gradients_match_jax_rules(kernel, stride, padding, side):
-  """The canonical-layout VJP equals JAX's own transpose rules."""
+@pytest.mark.parametrize("impl", ["conv2d_xla", "conv2d_im2col"])
+def test_conv2d_gradients_match_jax_rules(kernel, stride, padding, side,
+                                          impl):
+  """Both implementations (the canonical-layout VJP, im2col + matmul) equal
+  XLA's convolution with JAX's own transpose rules, to first and second
+  order."""
+  conv = getattr(resnet, impl)
   rng = np.random.default_rng(kernel * 100 + side)
   x = jnp.asarray(rng.normal(size=(3, side, side, 4)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)), jnp.float32)
-  ours, vjp = jax.vjp(lambda x, k: resnet.conv2d(x, k, stride, padding), x, k)
+  ours, vjp = jax.vjp(lambda x, k: conv(x, k, stride, padding), x, k)
   ref, ref_vjp = jax.vjp(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (stride, stride), ((padding, padding),) * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC")), x, k)
@@ -160,11 +165,28 @@ def test_conv2d_gradients_match_jax_rules(kernel, stride, padding, side):
   def gnorm(conv):
     return lambda k: jnp.sum(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(k)
                              ** 2)
-  ours2 = jax.grad(gnorm(lambda x, k: resnet.conv2d(x, k, stride, padding)))(k)
+  ours2 = jax.grad(gnorm(lambda x, k: conv(x, k, stride, padding)))(k)
   ref2 = jax.grad(gnorm(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (stride, stride), ((padding, padding),) * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))))(k)
   np.testing.assert_allclose(ours2, ref2, rtol=1e-3, atol=1e-2)
+
+
+def test_conv2d_picks_implementation(monkeypatch):
+  """``CONV_IMPL`` chooses the implementation; a bad value is one clear
+  error."""
+  x = jnp.ones((1, 4, 4, 2))
+  k = jnp.ones((3, 3, 2, 1))
+  monkeypatch.setattr(resnet, "CONV_IMPL", "im2col")
+  jaxpr = str(jax.make_jaxpr(lambda x, k: resnet.conv2d(x, k, 1, 1))(x, k))
+  assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+  monkeypatch.setattr(resnet, "CONV_IMPL", "conv")
+  jaxpr = str(jax.make_jaxpr(lambda x, k: resnet.conv2d(x, k, 1, 1))(x, k))
+  assert "conv_general_dilated" in jaxpr
+  monkeypatch.setattr(resnet, "CONV_IMPL", "winograd")
+  with pytest.raises(ValueError, match="unknown conv implementation "
+                     "'winograd'"):
+    resnet.conv2d(x, k, 1, 1)
 
 
 # --- BatchNorm ---------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""scripts/bench.py's FLOP counter against hand counts."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bcl_jax import train
+from tests.helpers import tiny_config, toy_benchmark
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench.py")
+_SPEC = importlib.util.spec_from_file_location("bench", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_mlp_observe_step_matches_hand_count():
+  """``single`` on a 12-16-4 MLP, batch 5: forward 2*B*(12*16 + 16*4);
+  backward the same for the weight gradients plus 2*B*16*4 for the hidden
+  layer's input gradient (the inputs themselves get none)."""
+  setup = train.build(tiny_config(method="single"), toy_benchmark())
+  state = train.init_state(setup)
+  b, macs = 5, 12 * 16 + 16 * 4
+  hand = 2 * b * macs + 2 * b * macs + 2 * b * 16 * 4
+  assert bench.observe_flops(setup, state) == hand
+
+
+def test_bcl_dual_mlp_step_counts_every_pass():
+  """bcl_dual with n_meta x (inner_steps x (batch + replay) + outer) rows:
+  each pass is one forward + backward of the MLP as above."""
+  c = tiny_config(method="bcl_dual", inner_steps=2, n_meta=3)
+  setup = train.build(c, toy_benchmark())
+  state = train.init_state(setup)
+  macs, first = 12 * 16 + 16 * 4, 12 * 16
+  per_row = 2 * macs + 2 * macs + 2 * (macs - first)
+  # n_memories 20 -> 16 episodic + 4 generalisation slots; replay
+  # min(16, 8) = 8, outer min(3 tasks * 4, 8) = 8.
+  rows = 3 * (2 * (5 + 8) + 8)
+  assert bench.step_rows("bcl_dual", train.methods.hparams_of(
+      setup.config), 5, 1, 3) == (rows, 3 * (2 * (5 + 8) + 8))
+  assert bench.observe_flops(setup, state) == rows * per_row
+
+
+def test_scan_cond_and_conv_counts():
+  a = jnp.ones((2, 3))
+  w = jnp.ones((3, 4))
+
+  def f(a, w):
+    def body(c, _):
+      return c, c @ w
+    _, ys = jax.lax.scan(body, a, None, length=5)
+    big = jax.lax.cond(ys.sum() > 0, lambda: (a @ w) @ w.T, lambda: a)
+    return ys, big
+
+  dot = 2 * 2 * 3 * 4
+  # The scan body 5 times; the cond's larger branch (two dots).
+  assert bench.jaxpr_flops(jax.make_jaxpr(f)(a, w)) == 5 * dot + 2 * dot
+  x = jnp.ones((1, 5, 5, 2))
+  k = jnp.ones((3, 3, 2, 4))
+  conv = jax.make_jaxpr(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+  assert bench.jaxpr_flops(conv) == 2 * 25 * 4 * 9 * 2
+
+
+@pytest.mark.parametrize("t,useful", [(0, 1 * (2 * 10 + 13)),
+                                      (1, 2 * (10 + 52) + 26),
+                                      (16, 2 * (10 + 52) + 128)])
+def test_step_rows_cifar_bcl_dual(t, useful):
+  """Paper hyper-parameters on split CIFAR: 52 episodic + 13 generalisation
+  slots, replay 52, outer min((t + 1) * 13, 128) of 128."""
+  hp = dict(n_memories=65, n_val=0.2, replay_batch_size=128, inner_steps=2,
+            n_meta=1)
+  hp = train.methods.api.HParams(hp)
+  computed, got = bench.step_rows("bcl_dual", hp, 10, t, 17)
+  assert (computed, got) == (2 * (10 + 52) + 128, useful)
