@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bcl_jax import train
-from tests.helpers import tiny_config, toy_benchmark
+from helpers import tiny_config, toy_benchmark
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench.py")
 _SPEC = importlib.util.spec_from_file_location("bench", _PATH)

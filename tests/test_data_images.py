@@ -7,7 +7,6 @@ import importlib.util
 import io
 import os
 import pickle
-import struct
 import tarfile
 
 import numpy as np
@@ -16,6 +15,8 @@ from PIL import Image
 
 from bcl_jax.data import cifar, cub, images, mini, prepare
 from bcl_jax.data.errors import DataError
+
+from data_helpers import _py2_style_pickle
 
 HAVE_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 
@@ -145,31 +146,6 @@ def test_data_unpickler_refuses_code():
 
 
 # --------------------------------------------------------------- CIFAR-100 --
-
-
-class _Py2Pickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Writes ``bytes`` as Python 2 ``str`` opcodes, as cPickle did."""
-
-  dispatch = pickle._Pickler.dispatch.copy()  # pylint: disable=protected-access
-
-  def _save_py2_str(self, obj):
-    if len(obj) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-    else:
-      self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-    self.memoize(obj)
-
-  dispatch[bytes] = _save_py2_str
-
-
-def _py2_style_pickle(obj) -> bytes:
-  """A Python 2 / numpy 1.x protocol-2 pickle, as the official files are."""
-  buf = io.BytesIO()
-  _Py2Pickler(buf, protocol=2).dump(obj)
-  blob = buf.getvalue().replace(b"numpy._core.multiarray",
-                                b"numpy.core.multiarray")
-  assert b"_codecs" not in blob
-  return blob
 
 
 def _cifar_arrays(n_train=3, n_test=1):

@@ -24,7 +24,7 @@ import pytest
 from bcl_jax import experiment
 from bcl_jax.data import cifar, cub, download, load_benchmark, npz
 from bcl_jax.data.errors import DataError
-from test_data_images import _py2_style_pickle
+from data_helpers import _py2_style_pickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def cifar_tarball(n_train: int = 3, n_test: int = 1) -> tuple[bytes, tuple]:
 
 def cub_tarball(tmp_path) -> bytes:
   """``CUB_200_2011.tgz``: one train and one test JPEG per class."""
-  from test_benchmarks_e2e import write_cub_folder
+  from data_helpers import write_cub_folder
   folder = write_cub_folder(tmp_path / "cub_src", n_per_split=1)
   (tmp_path / "cub_src" / "attributes.txt").write_text("1 has_bill\n")
   buf = io.BytesIO()

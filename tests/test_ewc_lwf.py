@@ -19,8 +19,7 @@ from bcl_jax.methods import ewc, lwf
 import np_reference as ref
 import np_reference_ewc_lwf as npr
 from helpers import batch as make_batch
-from test_benchmarks_e2e import cifar_data  # noqa: F401 (fixture)
-from test_methods import (T, assert_params_close, make_config,
+from method_helpers import (T, assert_params_close, make_config,
                           make_ctx, stream)
 
 
@@ -233,7 +232,7 @@ def test_tiny_split_cifar_resnet(name, cifar_data):
   BatchNorm): finite accuracies, a non-zero finite Fisher / a snapshot."""
   from bcl_jax import train
   from bcl_jax.data import load_benchmark
-  from test_benchmarks_e2e import _config
+  from data_helpers import _config
   config = _config("cifar", data_path=str(cifar_data), method=name)
   out = train.train_and_evaluate(config, load_benchmark(config),
                                  log=lambda *_: None)

@@ -25,8 +25,8 @@ from bcl_jax.methods import api, ftml
 import np_reference as ref
 import np_reference_ftml as nref
 from helpers import batch as make_batch, tiny_config
-from test_benchmarks_e2e import _config, cifar_data  # noqa: F401 (fixture)
-from test_methods import (T, assert_params_close, assert_ring_equal,
+from data_helpers import _config
+from method_helpers import (T, assert_params_close, assert_ring_equal,
                           make_config, make_ctx, np_cfg, stream)
 
 

@@ -20,8 +20,8 @@ from bcl_jax.methods import agem, gem, qp
 
 import np_reference as ref
 import np_reference_gem as refg
-from test_benchmarks_e2e import _check_results, _config, cifar_data  # noqa
-from test_methods import (D, T, assert_params_close, assert_ring_equal,
+from data_helpers import _check_results, _config
+from method_helpers import (D, T, assert_params_close, assert_ring_equal,
                           make_config, make_ctx, run_sequence)
 
 K_MAX, P_DIM = 6, 40

@@ -253,7 +253,7 @@ def test_end_to_end_mlp(tmp_path):
 
 @pytest.fixture(scope="module")
 def cifar_data(tmp_path_factory):
-  from test_benchmarks_e2e import _prepare, write_cifar_pickles
+  from data_helpers import _prepare, write_cifar_pickles
   root = tmp_path_factory.mktemp("cifar")
   src = write_cifar_pickles(root)
   _prepare("cifar100", "--source", str(src), "--out-dir", str(root / "data"))
@@ -263,7 +263,7 @@ def cifar_data(tmp_path_factory):
 @pytest.mark.slow  # ~1-3 min on a shared CPU: compiling the ResNet programs
 def test_end_to_end_tiny_split_cifar_resnet(cifar_data):
   """Reduced ResNet-18 with BatchNorm, uint8 exemplars, 5 classes a task."""
-  from test_benchmarks_e2e import _config
+  from data_helpers import _config
   config = _config("cifar", data_path=str(cifar_data), method="icarl")
   out = train.train_and_evaluate(config, load_benchmark(config),
                                  log=lambda *a: None)
