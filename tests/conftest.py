@@ -8,6 +8,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The ResNets' CPU default (im2col convolutions) compiles slower than XLA's
+# convolutions; tests/test_resnet.py checks both against each other, and the
+# rest of the suite (and its subprocesses) uses the faster-compiling one.
+os.environ.setdefault("BCL_JAX_CONV", "conv")
+
 # Most tests compile small programs once and run them a few times: XLA's
 # optimisation passes would dominate their run time.
 jax.config.update("jax_disable_most_optimizations", True)
