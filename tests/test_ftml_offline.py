@@ -115,7 +115,7 @@ def task_incremental_toy(sizes=(41, 30, 35), n_test=40, seed=0):
     w = rng.normal(size=(8,))
 
     def make(n):
-      x = rng.random((n, 8)).astype(np.float32) - 0.5
+      x = rng.random((n, 8)).astype(np.float32)  # in [0, 1], as required
       return x, (2 * t + (x @ w > 0)).astype(np.int64)
 
     # Both classes occur in each task (the benchmark derives the heads).

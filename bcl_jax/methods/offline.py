@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from bcl_jax.methods import api, losses, steps
+from bcl_jax.methods import api, steps
 from bcl_jax.methods import hparams as H
 
 
@@ -43,20 +43,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   def init(key):
     return State(variables=model.init(key), hp=api.init_hp(SPEC, hp))
 
-  def observe(state, batch: api.Batch, key):
-    def loss_fn(params, batch_stats, k):
-      del k
-      (logits,), new = steps.apply_many(
-          model, {"params": params, "batch_stats": batch_stats},
-          [batch.x], True, masks=[batch.valid])
-      # [B, O]: each row's own task's columns.
-      cols = class_mask[batch.tasks]
-      return losses.masked_ce(logits, batch.y, cols, batch.valid), \
-          new["batch_stats"]
-
-    v, loss, _ = steps.grad_step(loss_fn, state.variables, key,
-                                 state.hp["lr"])
-    return state._replace(variables=v), {"loss": loss}
+  # [B, O]: each row is scored on its own task's columns.
+  observe = steps.ce_observe(model, lambda batch: class_mask[batch.tasks])
 
   return api.Method(init, api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))

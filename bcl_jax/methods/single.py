@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from bcl_jax.methods import api, losses, steps
+from bcl_jax.methods import api, steps
 from bcl_jax.methods import hparams as H
 
 
@@ -22,18 +22,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   def init(key):
     return State(variables=model.init(key), hp=api.init_hp(SPEC, hp))
 
-  def observe(state, batch: api.Batch, key):
-    def loss_fn(params, batch_stats, key):
-      del key
-      (logits,), new = steps.apply_many(
-          model, {"params": params, "batch_stats": batch_stats},
-          [batch.x], True, masks=[batch.valid])
-      return losses.masked_ce(logits, batch.y, class_mask[batch.task],
-                              batch.valid), new["batch_stats"]
-
-    v, loss, _ = steps.grad_step(loss_fn, state.variables, key,
-                                 state.hp["lr"])
-    return state._replace(variables=v), {"loss": loss}
+  observe = steps.ce_observe(model, lambda batch: class_mask[batch.task])
 
   return api.Method(init, api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))

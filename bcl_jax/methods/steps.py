@@ -116,3 +116,26 @@ def inner_loop(loss_fn: LossFn, variables, keys, lr, accumulate: bool = False):
   zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
   (v, acc), losses = jax.lax.scan(step, (variables, zeros), keys)
   return v, acc, losses
+
+
+def ce_observe(model: Model, columns: Callable):
+  """``observe`` of plain fine-tuning: one SGD step on the batch's masked CE.
+
+  ``columns(batch)`` is the column mask (``[O]`` for the batch's task, or
+  ``[B, O]`` per row); the state has ``variables`` and ``hp["lr"]``.
+  """
+  from bcl_jax.methods import losses
+
+  def observe(state, batch, key):
+    def loss_fn(params, batch_stats, k):
+      del k
+      (logits,), new = apply_many(
+          model, {"params": params, "batch_stats": batch_stats},
+          [batch.x], True, masks=[batch.valid])
+      return losses.masked_ce(logits, batch.y, columns(batch),
+                              batch.valid), new["batch_stats"]
+
+    v, loss, _ = grad_step(loss_fn, state.variables, key, state.hp["lr"])
+    return state._replace(variables=v), {"loss": loss}
+
+  return observe
