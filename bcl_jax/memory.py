@@ -50,6 +50,12 @@ def ring_init(n_tasks: int, size: int, input_shape, dtype) -> RingBuffer:
       ptr=jnp.zeros((), jnp.int32))
 
 
+def ring_for(ctx, size: int) -> RingBuffer:
+  """Empty per-task ring buffers of ``size`` slots for a method's context
+  (``ctx.n_tasks`` rows of ``ctx.input_shape`` in ``ctx.input_dtype``)."""
+  return ring_init(ctx.n_tasks, size, ctx.input_shape, ctx.input_dtype)
+
+
 def ring_reset_ptr(buf: RingBuffer) -> RingBuffer:
   return buf._replace(ptr=jnp.zeros((), jnp.int32))
 

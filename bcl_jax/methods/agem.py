@@ -61,8 +61,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
 
   def init(key):
     return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
-                 memory=mem.ring_init(ctx.n_tasks, n_mem, ctx.input_shape,
-                                      ctx.input_dtype))
+                 memory=mem.ring_for(ctx, n_mem))
 
   def ce_grad(*args):
     return gem.ce_grad_of(model, *args)

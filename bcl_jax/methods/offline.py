@@ -23,31 +23,14 @@ set per benchmark in the config's ``presets["offline"]``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import jax.numpy as jnp
-
-from bcl_jax.methods import api, steps
+from bcl_jax.methods import api, single
 from bcl_jax.methods import hparams as H
 
 
-class State(NamedTuple):
-  variables: dict
-  hp: dict
-
-
 def make(hp: api.HParams, ctx: api.Context) -> api.Method:
-  model = ctx.model
-  class_mask = jnp.asarray(ctx.class_mask)
-
-  def init(key):
-    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp))
-
-  # [B, O]: each row is scored on its own task's columns.
-  observe = steps.ce_observe(model, lambda batch: class_mask[batch.tasks])
-
-  return api.Method(init, api.no_hook, observe, api.no_hook,
-                    *api.plain_eval(model))
+  # Fine-tuning's step, each row on its own task's columns; the joint
+  # schedule (SPEC) is what makes it the offline bound.
+  return single.fine_tuning(SPEC, hp, ctx, per_row=True)
 
 
 SPEC = api.MethodSpec(
