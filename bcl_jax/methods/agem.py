@@ -85,9 +85,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
 
     # The task is one value for every run: a real branch, skipped on task 0.
     x, bs_ref = jax.lax.cond(t > 0, with_replay, lambda _: (g, bs), None)
-    variables = {"params": steps.sgd(params, unravel(x), state.hp["lr"]),
-                 "batch_stats": gem.chain_after(bs_ref, bs, bs_cur)}
-    return state._replace(variables=variables, memory=memory), {"loss": loss}
+    return gem.projected_step(state, memory, params, unravel(x), bs_ref, bs,
+                              bs_cur, loss)
 
   return api.Method(init, api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))

@@ -83,6 +83,14 @@ def fold_stats(old, news, updated):
   return jax.tree_util.tree_map(leaf, old, news)
 
 
+def projected_step(state, memory, params, grads, bs_past, bs, bs_cur, loss):
+  """The step GEM and A-GEM end with: SGD along the (projected) gradient,
+  BatchNorm statistics folded after the memory passes, the new memory."""
+  variables = {"params": steps.sgd(params, grads, state.hp["lr"]),
+               "batch_stats": chain_after(bs_past, bs, bs_cur)}
+  return state._replace(variables=variables, memory=memory), {"loss": loss}
+
+
 def chain_after(first_new, old, then_new):
   """Stats of update ``then`` applied after ``first`` (both computed from
   ``old``): ``then_new + (1 - m)(first_new - old)``."""
@@ -155,10 +163,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     # The task is one value for every run: the switch is a real branch.
     which = jnp.searchsorted(jnp.asarray(sizes), t, side="left")
     x, bs_past = jax.lax.switch(which, [branch(w) for w in sizes], None)
-    new_bs = chain_after(bs_past, bs, bs_cur)
-    variables = {"params": steps.sgd(params, unravel(x), state.hp["lr"]),
-                 "batch_stats": new_bs}
-    return state._replace(variables=variables, memory=memory), {"loss": loss}
+    return projected_step(state, memory, params, unravel(x), bs_past, bs,
+                          bs_cur, loss)
 
   return api.Method(init, api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))
