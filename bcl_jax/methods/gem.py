@@ -14,7 +14,10 @@ Cost: the past-task pass covers a static window of the first ``W`` task rows,
 ``W`` the smallest of ``1, 2, 4, ..., n_tasks - 1`` holding all past tasks
 (picked by ``lax.switch`` on the task, which is the same for every run, so
 only one window runs); rows of unseen tasks in the window are masked out of
-the QP exactly. Task 0 has no past and skips the pass.
+the QP exactly. Task 0 has no past and skips the pass. The window's rows,
+Gram matrix and dot products leave the switch padded to ``n_tasks - 1``
+rows, so the QP (a ``lax.while_loop``) is compiled once, not once per window
+(this halved the step's compile time on permuted MNIST: 10.6 s to 5.5 s).
 
 Differences from the reference (which is otherwise reproduced):
 
@@ -115,6 +118,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   class_mask = jnp.asarray(ctx.class_mask)
   n_mem = int(hp.n_memories)
   sizes = windows(ctx.n_tasks)
+  k_max = max(sizes[-1], 1)  # the QP's size: every past task
 
   def init(key):
     return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
@@ -123,9 +127,10 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   def ce_grad(*args):
     return ce_grad_of(model, *args)
 
-  def past_pass(w, params, batch_stats, memory, t):
-    """Flat gradients of tasks ``0..w-1`` (rows ``>= t`` masked), and the
-    running statistics after their forward passes."""
+  def past_pass(w, params, batch_stats, memory, t, g):
+    """Tasks ``0..w-1``'s flat gradients (rows ``>= t`` masked), padded
+    with zero rows to ``K``; their Gram matrix and dot products with ``g``
+    (padded likewise); and the running statistics after their passes."""
     def one(x, y, cols, filled):
       _, g, bs = ce_grad(params, batch_stats, x, y, cols, filled)
       return ravel_pytree(g)[0], bs
@@ -133,7 +138,11 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     rows, news = jax.vmap(one)(memory.x[:w], memory.y[:w], class_mask[:w],
                                memory.filled[:w])
     active = (jnp.arange(w) < t) & jnp.any(memory.filled[:w], axis=1)
-    return rows, active, fold_stats(batch_stats, news, active)
+    pad = k_max - w
+    return (jnp.pad(rows, ((0, pad), (0, 0))),
+            jnp.pad(rows @ rows.T, ((0, pad), (0, pad))),
+            jnp.pad(rows @ g, (0, pad)), jnp.pad(active, (0, pad)),
+            fold_stats(batch_stats, news, active))
 
   def observe(state, batch: api.Batch, key):
     del key
@@ -145,24 +154,29 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     loss, g_tree, bs_cur = ce_grad(params, bs, batch.x, batch.y,
                                    class_mask[t], batch.valid)
     g, unravel = ravel_pytree(g_tree)
-    margin = state.hp["memory_strength"]
 
     def branch(w):
       def run(_):
         if w == 0:
-          return g, bs
-        rows, active, bs_past = past_pass(w, params, bs, memory, t)
-        dots = rows @ g
-        violated = jnp.any(active & (dots < 0))
-        x = jax.lax.cond(violated,
-                         lambda: qp.project(g, rows, active, margin),
-                         lambda: g)
-        return x, bs_past
+          z = jnp.zeros((k_max,), g.dtype)
+          return (jnp.zeros((k_max, g.shape[0]), g.dtype),
+                  jnp.zeros((k_max, k_max), g.dtype), z,
+                  jnp.zeros((k_max,), bool), bs)
+        return past_pass(w, params, bs, memory, t, g)
       return run
 
-    # The task is one value for every run: the switch is a real branch.
+    # The task is one value for every run: the switch is a real branch, and
+    # only the window's gradients are computed. The QP is outside it, so it
+    # is compiled once, not once per window.
     which = jnp.searchsorted(jnp.asarray(sizes), t, side="left")
-    x, bs_past = jax.lax.switch(which, [branch(w) for w in sizes], None)
+    rows, gram, dots, active, bs_past = jax.lax.switch(
+        which, [branch(w) for w in sizes], None)
+    violated = jnp.any(active & (dots < 0))
+    x = jax.lax.cond(
+        violated,
+        lambda: qp.project_with(g, rows, gram, dots, active,
+                                state.hp["memory_strength"]),
+        lambda: g)
     return projected_step(state, memory, params, unravel(x), bs_past, bs,
                           bs_cur, loss)
 

@@ -100,6 +100,16 @@ def project(g: jax.Array, rows: jax.Array, active: jax.Array,
     margin: the dual bound (``memory_strength``).
     eps: the Gram matrix's ridge.
   """
-  rows = jnp.where(active[:, None], rows, 0.0)
-  v = solve_dual(rows @ rows.T, rows @ g, active, margin, eps)
+  return project_with(g, rows, rows @ rows.T, rows @ g, active, margin, eps)
+
+
+def project_with(g: jax.Array, rows: jax.Array, gram: jax.Array,
+                 gdots: jax.Array, active: jax.Array,
+                 margin: jax.Array | float, eps: float = EPS) -> jax.Array:
+  """:func:`project` given ``gram = rows rows^T`` and ``gdots = rows g``.
+
+  Inactive rows are masked in the small ``[K]``/``[K, K]`` quantities only,
+  so ``rows`` (``[K, P]``, the big one) is read once and never copied.
+  """
+  v = solve_dual(gram, gdots, active, margin, eps)
   return g + jnp.where(active, v, 0.0) @ rows
