@@ -108,7 +108,8 @@ class RunAxis:
   runs' states and one copy of the data.
   """
 
-  def __init__(self, runs: Sequence[Run], batching: str = "auto"):
+  def __init__(self, runs: Sequence[Run], batching: str = "auto",
+               cpu_batching: str = "map"):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     if batching not in BATCHING:
       raise ValueError(f"run_batching must be 'auto', 'vmap' or 'map', got "
@@ -125,10 +126,11 @@ class RunAxis:
       self.run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
       self.replicated = NamedSharding(mesh, PartitionSpec())
     if batching == "auto":
-      # Batched matmuls of small per-run weights run slower on one CPU
-      # device than the runs one after the other.
-      batching = "map" if (jax.default_backend() == "cpu"
-                           and self.n_shards == 1) else "vmap"
+      # Batched matmuls of small per-run weights mostly run slower on one
+      # CPU device than the runs one after the other; the method says
+      # (MethodSpec.cpu_batching).
+      batching = cpu_batching if (jax.default_backend() == "cpu"
+                                  and self.n_shards == 1) else "vmap"
     self.batching = batching
     self._compiled: dict[str, Any] = {}
     self.compile_seconds = 0.0

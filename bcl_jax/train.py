@@ -75,7 +75,8 @@ def build(config, bench: Benchmark) -> Setup:
   ctx = api.Context(model=model, class_mask=bench.class_mask,
                     input_shape=bench.input_shape,
                     input_dtype=bench.tasks[0].x_train.dtype)
-  axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching)
+  axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching,
+                 spec.cpu_batching)
   return Setup(config, bench, spec, ctx, spec.make(hp, ctx), axis)
 
 

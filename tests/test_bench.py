@@ -76,3 +76,18 @@ def test_step_rows_cifar_bcl_dual(t, useful):
   hp = train.methods.api.HParams(hp)
   computed, got = bench.step_rows("bcl_dual", hp, 10, t, 17)
   assert (computed, got) == (2 * (10 + 52) + 128, useful)
+
+
+def test_whole_run_estimate_by_schedule():
+  """Sequential: task 0 at its rate, later tasks interpolated early -> late,
+  one evaluation per task; joint: one phase over every task's data."""
+  seq = {"phases": {"task 0": {"ms": 1.0}, "early": {"ms": 2.0},
+                    "late": {"ms": 4.0}}, "eval_s": 0.5, "compile_s": 3.0}
+  # 3 tasks x 100 steps: 100 * (1 + 2 + 4) ms, 3 evaluations, compile.
+  assert bench.whole_run_estimate(seq, 3, 100) == pytest.approx(
+      0.7 + 1.5 + 3.0)
+  joint = {"phases": {"joint": {"ms": 2.0}}, "eval_s": 0.5, "compile_s": 3.0,
+           "epochs": 2}
+  # 2 epochs over 3 tasks x 100 steps at 2 ms, one evaluation.
+  assert bench.whole_run_estimate(joint, 3, 100) == pytest.approx(
+      1.2 + 0.5 + 3.0)

@@ -36,6 +36,7 @@ def test_declaration(name):
   spec = methods.get(name)
   assert spec.name == name and spec.summary
   assert spec.schedule in api.SCHEDULES
+  assert spec.cpu_batching in ("map", "vmap")
   assert len(set(spec.fields)) == len(spec.fields)
   config = resolve(_with_method(name))
   spec.validate(spec.hparams_of(config), config)  # the defaults are valid

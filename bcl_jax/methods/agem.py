@@ -68,23 +68,28 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
 
   def observe(state, batch: api.Batch, key):
     t = batch.task
-    memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
-                            drop_at_wrap=hp.drop_at_wrap,
-                            fill_on_first_write=False)
     params, bs = state.variables["params"], state.variables["batch_stats"]
     loss, g_tree, bs_cur = ce_grad(params, bs, batch.x, batch.y,
                                    class_mask[t], batch.valid)
     g, unravel = ravel_pytree(g_tree)
 
     def with_replay(_):
-      rt, rs, rmask = mem.draw(memory, key, t, k_replay)
-      _, gr, bs_ref = ce_grad(params, bs, memory.x[rt, rs], memory.y[rt, rs],
+      # Rows 0..t-1 only: the batch's write into row t (below) changes
+      # none of them, so reading the memory before it is the same draw.
+      old = state.memory
+      rt, rs, rmask = mem.draw(old, key, t, k_replay)
+      _, gr, bs_ref = ce_grad(params, bs, old.x[rt, rs], old.y[rt, rs],
                               class_mask[rt], rmask)
       bs_ref = steps.select(jnp.any(rmask), bs_ref, bs)
       return project(g, ravel_pytree(gr)[0]), bs_ref
 
     # The task is one value for every run: a real branch, skipped on task 0.
+    # It runs before the write, so the memory is read, then updated in
+    # place, and never copied.
     x, bs_ref = jax.lax.cond(t > 0, with_replay, lambda _: (g, bs), None)
+    memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
+                            drop_at_wrap=hp.drop_at_wrap,
+                            fill_on_first_write=False)
     return gem.projected_step(state, memory, params, unravel(x), bs_ref, bs,
                               bs_cur, loss)
 
@@ -97,4 +102,7 @@ SPEC = api.MethodSpec(
     summary="averaged GEM: the batch's gradient projected against one "
     "replay gradient from all past memories when they conflict",
     hparams=(H.LR, H.N_MEMORIES, REPLAY, H.DROP_AT_WRAP),
-    make=make)
+    make=make,
+    # Measured on permuted MNIST, 3 seeds, 2 tasks, 2-core CPU: 6.0 ms per
+    # step of the 3 runs batched, 112 ms one after another (lax.map).
+    cpu_batching="vmap")

@@ -147,6 +147,10 @@ class MethodSpec:
       ``ValueError`` (``config`` is the whole resolved config, for checks
       that involve the loop's fields such as ``batch_size``).
     schedule: ``"sequential"`` or ``"joint"``.
+    cpu_batching: what ``run_batching="auto"`` means for this method on one
+      CPU device: ``"map"`` (the runs one after another inside the step;
+      the default, faster for most methods' small per-run matmuls) or
+      ``"vmap"`` (batched; for a method whose unbatched step is slow).
   """
 
   name: str
@@ -155,6 +159,7 @@ class MethodSpec:
   make: Callable[[HParams, Context], Method]
   validate: Callable[[HParams, Any], None] = lambda hp, config: None
   schedule: str = "sequential"
+  cpu_batching: str = "map"
 
   @property
   def fields(self) -> tuple[str, ...]:
