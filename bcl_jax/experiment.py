@@ -90,6 +90,7 @@ def run(config, workdir: str, config_name: str = "run", log=print,
   if the run fails before writing anything into it.
   """
   config = validate_config(config)
+  enable_compile_cache(config.get("compile_cache", "auto"), log)
   created = not os.path.exists(workdir)
   results_lib.check_workdir(workdir)
   lock = guard.WorkdirLock(workdir)
@@ -106,6 +107,52 @@ def run(config, workdir: str, config_name: str = "run", log=print,
     lock.release()
     if created:
       _remove_if_empty(workdir)
+
+
+def enable_compile_cache(setting: str, log=print) -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its folder.
+
+  A later run with the same shapes (another seed, an ablation of a dynamic
+  field, a resumed run) loads its compiled programs instead of compiling
+  them again: seconds on permuted MNIST, minutes on the ResNet benchmarks.
+  Results are the same (the same executable runs). ``setting``: a folder,
+  ``"auto"`` (``$BCL_JAX_COMPILE_CACHE``, else ``~/.cache/bcl_jax/xla``;
+  a cache folder the user already gave JAX is kept) or ``""`` (off). A
+  folder that cannot be created turns the cache off with a warning.
+  """
+  current = _jax_cache_dir()
+  if setting == "auto":
+    if current:
+      return current
+    setting = os.environ.get(
+        "BCL_JAX_COMPILE_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "bcl_jax", "xla"))
+  if not setting:
+    return None
+  path = os.path.abspath(os.path.expanduser(str(setting)))
+  if path == current:
+    return path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    log(f"warning: compile cache {path} unusable ({e.strerror}); "
+        "compiling without it")
+    return None
+  _set_jax_cache_dir(path, reset=bool(current))
+  return path
+
+
+def _jax_cache_dir() -> str | None:
+  import jax
+  return jax.config.jax_compilation_cache_dir
+
+
+def _set_jax_cache_dir(path: str, reset: bool) -> None:
+  import jax
+  if reset:  # this process used another folder before
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _remove_if_empty(workdir: str) -> None:

@@ -29,6 +29,7 @@ NON_RESULT_FIELDS = frozenset({
     "eval_batch_size",              # evaluation chunking
     "checkpoint", "keep", "resume_from", "force_resume",
     "memory_limit_gb",              # the memory check's budget
+    "compile_cache",                # where compiled programs are kept
     "download", "data_url", "data_sha256", "data_md5",  # where data came from
 })
 

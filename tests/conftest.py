@@ -13,6 +13,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # rest of the suite (and its subprocesses) uses the faster-compiling one.
 os.environ.setdefault("BCL_JAX_CONV", "conv")
 
+# No persistent compilation cache in ~/.cache from the tests (and their
+# subprocesses); tests/test_compile_cache.py turns it on in a folder of its own.
+os.environ.setdefault("BCL_JAX_COMPILE_CACHE", "")
+
 # Most tests compile small programs once and run them a few times: XLA's
 # optimisation passes would dominate their run time.
 jax.config.update("jax_disable_most_optimizations", True)
