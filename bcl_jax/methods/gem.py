@@ -189,4 +189,7 @@ SPEC = api.MethodSpec(
     summary="gradient episodic memory: the batch's gradient projected by "
     "GEM's dual QP so no past task's memory loss rises",
     hparams=(H.LR, MARGIN, H.N_MEMORIES, H.DROP_AT_WRAP),
-    make=make)
+    make=make,
+    # Permuted MNIST, 3 seeds, whole run on the 2-core CPU: 127 s of
+    # training batched, 310 s one run after another (lax.map).
+    cpu_batching="vmap")
