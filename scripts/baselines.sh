@@ -8,6 +8,9 @@
 #   BENCHMARK=cifar SEEDS=5 scripts/baselines.sh --config.data_path=/big/data
 #   METHODS="er gem agem" scripts/baselines.sh
 #
+# TABLE_ONLY=1 RESULTS=dir scripts/baselines.sh reprints the table of an
+# earlier results folder without running anything.
+#
 # Environment: BENCHMARK (a configs/ file stem, default mnist), SEEDS
 # (default 3), METHODS (default: every registered method), RESULTS (default
 # results/baselines-<benchmark>-<time>), PYTHON (default python). Extra
@@ -26,6 +29,7 @@ fi
 mkdir -p "$RESULTS"
 failed=()
 for m in $METHODS; do
+  [[ "${TABLE_ONLY:-0}" == 1 ]] && break
   echo "== $m on $BENCHMARK, $SEEDS seed(s) -> $RESULTS/$m" >&2
   start=$EPOCHREALTIME
   if "$PYTHON" -m bcl_jax.run --config "$REPO/configs/${BENCHMARK}.py" \
@@ -60,8 +64,8 @@ n = len(json.load(open(os.path.join(root, names[0], "results.json")))["runs"]) \
 print(f"\n(mean ± sample std over {n} seed(s); wall: the whole command, "
       "start-up and compilation included)")
 PY
-"$PYTHON" -m bcl_jax.report "$RESULTS" --out "$RESULTS/report" --plot \
-  > /dev/null || true
+[[ "${TABLE_ONLY:-0}" == 1 ]] || "$PYTHON" -m bcl_jax.report "$RESULTS" \
+  --out "$RESULTS/report" --plot > /dev/null || true
 if (( ${#failed[@]} )); then
   echo "failed: ${failed[*]} (logs in $RESULTS)" >&2
   exit 1
