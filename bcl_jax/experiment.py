@@ -168,6 +168,8 @@ def _remove_if_empty(workdir: str) -> None:
 
 
 def _run(config, workdir: str, config_name: str, log, bench) -> dict:
+  if config.heatmap:
+    results_lib.prefetch_plotting()
   limit = float(config.get("memory_limit_gb", 0) or 0)
   use_ckpt = bool(config.checkpoint)
   resume = resume_lib.plan_resume(workdir, config) if use_ckpt else None
