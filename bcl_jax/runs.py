@@ -125,12 +125,17 @@ class RunAxis:
       mesh = Mesh(np.array(devices[:k]), ("runs",))
       self.run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
       self.replicated = NamedSharding(mesh, PartitionSpec())
+    # One run is normally traced without a run axis; a method that asks
+    # for batching on CPU (MethodSpec.cpu_batching) gets a run axis of one,
+    # whose batched kernels are the fast ones there (A-GEM on permuted
+    # MNIST: 4.5 ms per step against 22 ms unbatched).
+    self.squeeze_single = True
     if batching == "auto":
       # Batched matmuls of small per-run weights mostly run slower on one
-      # CPU device than the runs one after the other; the method says
-      # (MethodSpec.cpu_batching).
-      batching = cpu_batching if (jax.default_backend() == "cpu"
-                                  and self.n_shards == 1) else "vmap"
+      # CPU device than the runs one after the other; the method says.
+      on_cpu = jax.default_backend() == "cpu" and self.n_shards == 1
+      batching = cpu_batching if on_cpu else "vmap"
+      self.squeeze_single = not (on_cpu and cpu_batching == "vmap")
     self.batching = batching
     self._compiled: dict[str, Any] = {}
     self.compile_seconds = 0.0
@@ -168,7 +173,7 @@ class RunAxis:
       it = iter(batched)
       return [next(it) if a == 0 else x for x, a in zip(args, ax)]
 
-    if len(self.runs) == 1:
+    if len(self.runs) == 1 and self.squeeze_single:
       def single(*args):
         ax, batched = split(args)
         batched = [jax.tree_util.tree_map(lambda a: a[0], b) for b in batched]

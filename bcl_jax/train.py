@@ -250,7 +250,7 @@ def _chunk_fn(setup: Setup, state, data, index, valid, keys, task, pos,
     out = jax.eval_shape(f, *args)[1]
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
 
-  if n_runs == 1 or axis.batching == "map":
+  if (n_runs == 1 and axis.squeeze_single) or axis.batching == "map":
     # Each run scans its own chunk; runs (if several) one after another.
     def run_scan(s, index, valid, keys):
       zeros = zeros_of(one_run, s, index[0], valid[0], keys[0], pos[0])
