@@ -6,8 +6,11 @@ the reference's float ``cifar-cl.pt``, MNIST digits), prepares it with
 ``scripts/prepare_data.py`` where the real workflow does, and runs
 ``bcl_dual`` through ``configs/<benchmark>.py:quick``. Sample counts are
 scaled down; formats, shapes (but CUB's image size, see below) and the code
-path are the real ones. Runs at CUB's real 224x224, and ``scripts/run.sh`` on
-all four benchmarks, are marked slow.
+path are the real ones. The default suite keeps one ResNet run end to end
+(CIFAR-100 pickles); the reference's ``cifar-cl.pt``, miniImageNet, CUB (at
+32x32 and at its real 224x224) and ``scripts/run.sh`` on all four benchmarks
+compile a ResNet each (40-70 s on 2 cores) and are marked slow; their
+readers are covered by tests/test_data_*.py in the default suite.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def test_every_method_on_tiny_split_cifar(method, cifar_data, tmp_path):
   assert len(res["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
   """The reference's float ``cifar-cl.pt``; BatchNorm moves in training only."""
   path = tmp_path / "cifar-cl.pt"
@@ -97,6 +101,7 @@ def test_reference_cifar_cl_pt_batchnorm_train_and_eval(cifar_data, tmp_path):
   assert not np.allclose(train_logits, alone, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_mini_pickle_caches_prepare_and_run(tmp_path):
   src = write_mini_caches(tmp_path / "mini")
   _prepare("mini", "--source", str(src), "--out-dir", str(tmp_path / "data"),
@@ -108,6 +113,7 @@ def test_mini_pickle_caches_prepare_and_run(tmp_path):
   assert res["benchmark"]["n_outputs"] == 85
 
 
+@pytest.mark.slow
 def test_cub_jpegs_prepare_and_run_small_images(tmp_path):
   """CUB at 32x32 (``--size 32``): the full ResNet-18 at 224 is slow on CPU;
   ``test_cub_224`` (slow) runs the real size."""
