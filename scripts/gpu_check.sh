@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot accelerator check for whoever has a GPU: correctness of the
 # vmapped runs, then scripts/bench.py's tables (bcl_dual; permuted MNIST and
-# split-CIFAR shapes at N = 1, 4, 16 runs; miniImageNet at N = 1). Fits in
-# about 8 minutes on one H100.
+# split-CIFAR shapes at N = 1, 4, 16 runs; miniImageNet at N = 1), then every
+# method's step on permuted MNIST at N = 16 (the baselines' summary table).
+# Fits in about 10 minutes on one H100.
 #
 #   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
 #
@@ -27,3 +28,6 @@ timeout 200 python scripts/bench.py --benchmark cifar --runs 1,4,16 \
 echo "== bcl_dual, miniImageNet shapes (84x84)"
 timeout 100 python scripts/bench.py --benchmark mini --runs 1 --steps 20 \
   --reps 2
+echo "== every method, permuted MNIST shapes, N = 16 runs (summary table)"
+timeout 150 python scripts/bench.py --benchmark mnist --method all --runs 16 \
+  --steps 40 --reps 1 | sed -n '/^summary/,$p'
