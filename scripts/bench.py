@@ -205,11 +205,6 @@ def random_benchmark(name: str, n_train: int, n_test: int):
   return make_benchmark(f"random-{name}", tasks, task_incremental=incremental)
 
 
-def train_epochs(c) -> int:
-  from bcl_jax.config import resolve
-  return int(resolve(c).n_epochs)
-
-
 def make_config(args, n_runs: int):
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "configs",
@@ -258,7 +253,7 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
       best = min(best, res.seconds / res.steps)
     rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks)
     out["phases"][label] = {"t": t, "ms": 1000 * best, "rows": rows}
-  out["schedule"] = setup.spec.schedule
+  out["epochs"] = int(setup.config.n_epochs)  # resolved by train.build
   out["compile_s"] = setup.axis.compile_seconds
   evaluate(state, n_tasks - 1)  # compiles
   te = time.perf_counter()
@@ -312,7 +307,6 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
     print(f"| {label} | {p['ms']:.1f} | {p['ms'] / n_runs:.1f} | {rtxt} | "
           f"{use} | {g:.1f} | {100 * g / peak:.0f}% |")
   est = whole_run_estimate(res, n_tasks, steps)
-  res["estimate_s"] = est
   print(f"matmul f32 1024^3: {peak:.1f} GFLOP/s; compile {res['compile_s']:.1f}"
         f" s (all executables); evaluation of all {n_tasks} test sets "
         f"({res['tests_n']} rows each as computed, batch {res['eval_bs']}): "
@@ -392,7 +386,6 @@ def main() -> None:
       res = time_phases(args, n, bench, peak)
       c = make_config(args, n)
       res["hp"] = methods.hparams_of(c)
-      res["epochs"] = int(train_epochs(c))
       print_table(args, n, res, bench, int(c.batch_size))
       results[m] = res
       sys.stdout.flush()
