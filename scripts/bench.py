@@ -137,12 +137,16 @@ def setup_batch(shape, dtype):
 
 # -- rows -------------------------------------------------------------------
 
-def step_rows(method: str, hp, batch: int, t: int, n_tasks: int):
+def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
+              skip_replay: bool = False, buckets: bool = False):
   """``(computed, useful)`` network rows (forward + backward) of one observe
   step at task ``t``, or None for a method this table does not model.
 
-  Computed: the fixed shapes the program runs (minus what a ``cond`` skips,
-  see :func:`replay_rows`); useful: rows that are real samples.
+  Computed: the shapes the program runs. On a BatchNorm network the outer
+  draw is computed in power-of-two buckets (``buckets``, see
+  :func:`outer_rows`), and where runs are not vmapped (``skip_replay``: the
+  ``lax.cond`` is a real branch) the replay pass before task 1 is skipped
+  (:func:`replay_rows`). Useful: rows that are real samples.
   """
   from bcl_jax.methods import bcl_dual
   rbs = int(hp.get("replay_batch_size", 0) or 0)
@@ -151,24 +155,35 @@ def step_rows(method: str, hp, batch: int, t: int, n_tasks: int):
     inner, meta = int(hp.inner_steps), int(hp.n_meta)
     k_rep, k_out = min(n_mem, rbs), min(n_tasks * n_val, rbs)
     rep = k_rep if t > 0 else 0
-    computed = meta * (inner * (batch + replay_rows(k_rep, t)) + k_out)
-    useful = meta * (inner * (batch + rep) + min((t + 1) * n_val, rbs))
+    n_out = min((t + 1) * n_val, rbs)
+    computed = meta * (inner * (batch + replay_rows(k_rep, t, skip_replay))
+                       + outer_rows(n_out, k_out, buckets))
+    useful = meta * (inner * (batch + rep) + n_out)
     return computed, useful
   if method in ("er", "bcl_single"):
     k = min(int(hp.n_memories), rbs)
     inner = int(hp.get("inner_steps", 1))
     rep = min(k, t * int(hp.n_memories))
-    return (inner * (batch + replay_rows(k, t)), inner * (batch + rep))
+    return (inner * (batch + replay_rows(k, t, skip_replay)),
+            inner * (batch + rep))
   if method == "single":
     return batch, batch
   return None
 
 
-def replay_rows(k: int, t: int) -> int:
-  """Replay rows the program computes at task ``t`` (all ``k``: no branch
-  skips them)."""
-  del t
-  return k
+def replay_rows(k: int, t: int, skips: bool = False) -> int:
+  """Replay rows the program computes at task ``t``: none before task 1
+  where the all-padding pass is skipped (``steps.apply_many``), else ``k``."""
+  return 0 if (skips and t == 0) else k
+
+
+def outer_rows(n: int, k: int, skips: bool = False) -> int:
+  """bcl_dual's outer rows: the smallest bucket of ``steps.row_buckets(k)``
+  holding ``n`` real rows where buckets apply, else ``k``."""
+  from bcl_jax.methods import steps
+  if not skips:
+    return k
+  return next(b for b in steps.row_buckets(k) if b >= n)
 
 
 # -- timing -----------------------------------------------------------------
@@ -227,6 +242,7 @@ def make_config(args, n_runs: int):
 def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   """Builds the program for ``n_runs`` runs and times its phases."""
   from bcl_jax import evaluation, methods, train
+  from bcl_jax.methods import steps
   c = make_config(args, n_runs)
   setup = train.build(c, bench)
   hp = methods.hparams_of(setup.config)
@@ -235,7 +251,14 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   evaluate = evaluation.Evaluator(setup.method, bench, setup.axis,
                                   int(setup.config.eval_batch_size))
   n_tasks = bench.n_tasks
-  out = {"flops": flops, "phases": {}}
+  bn = steps.model_has_batch_stats(setup.ctx.model)
+  one_program = ((n_runs == 1 and setup.axis.squeeze_single)
+                 or setup.axis.batching == "map")
+  skips = {"skip_replay": bn and one_program, "buckets": bn}
+  full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
+  out = {"flops": flops, "phases": {}, "full_rows": full and full[0],
+         "rows_of": lambda t: (step_rows(c.method, hp, int(c.batch_size), t,
+                                         n_tasks, **skips) or (None,))[0]}
   t0 = time.perf_counter()
   plan = ((0, "task 0"), (1, "early (1)"),
           (n_tasks - 1, f"late ({n_tasks - 1})"))
@@ -251,7 +274,7 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
       state, res = train._train_phase(setup, state, ph, data, evaluate.tests,
                                       desc="", progress=False)
       best = min(best, res.seconds / res.steps)
-    rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks)
+    rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks, **skips)
     out["phases"][label] = {"t": t, "ms": 1000 * best, "rows": rows}
   out["epochs"] = int(setup.config.n_epochs)  # resolved by train.build
   out["compile_s"] = setup.axis.compile_seconds
@@ -267,10 +290,13 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   return out
 
 
-def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int) -> float:
+def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int,
+                       rows_of=None) -> float:
   """Seconds of a whole run: task 0 at its rate, tasks 1..T-1 interpolated
-  linearly between the early and late rates, one evaluation per task, plus
-  compilation."""
+  between the early and late rates, one evaluation per task, plus
+  compilation. The interpolation is linear in the rows a task's step
+  computes where ``rows_of(t)`` gives them (they grow in steps with the
+  outer buckets), else linear in ``t``."""
   ph = list(res["phases"].values())
   if len(ph) == 1:  # joint: every task's data, n_epochs passes, at the end
     epochs = res.get("epochs", 1)
@@ -278,8 +304,14 @@ def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int) -> float:
             + res["eval_s"] + res["compile_s"])
   ms0, ms1, msl = ph[0]["ms"], ph[1]["ms"], ph[2]["ms"]
   train_ms = ms0 * steps_per_task
+  r1 = rl = None
+  if rows_of is not None:
+    r1, rl = rows_of(1), rows_of(n_tasks - 1)
   for t in range(1, n_tasks):
-    w = (t - 1) / max(n_tasks - 2, 1)
+    if r1 is not None and rl != r1:
+      w = (rows_of(t) - r1) / (rl - r1)
+    else:
+      w = (t - 1) / max(n_tasks - 2, 1)
     train_ms += ((1 - w) * ms1 + w * msl) * steps_per_task
   return train_ms / 1000 + n_tasks * res["eval_s"] + res["compile_s"]
 
@@ -301,12 +333,11 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
     rtxt = f"{rows[0]} / {rows[1]}" if rows else "-"
     use = f"{100 * rows[1] / rows[0]:.0f}%" if rows else "-"
     # Counted FLOPs scaled to the rows this phase really computes.
-    f = flops if not rows else flops * rows[0] / step_rows(
-        args.method, res["hp"], c_batch, 1, n_tasks)[0]
+    f = flops if not rows else flops * rows[0] / res["full_rows"]
     g = n_runs * f / (p["ms"] / 1000) / 1e9
     print(f"| {label} | {p['ms']:.1f} | {p['ms'] / n_runs:.1f} | {rtxt} | "
           f"{use} | {g:.1f} | {100 * g / peak:.0f}% |")
-  est = whole_run_estimate(res, n_tasks, steps)
+  est = whole_run_estimate(res, n_tasks, steps, res.get("rows_of"))
   print(f"matmul f32 1024^3: {peak:.1f} GFLOP/s; compile {res['compile_s']:.1f}"
         f" s (all executables); evaluation of all {n_tasks} test sets "
         f"({res['tests_n']} rows each as computed, batch {res['eval_bs']}): "
@@ -334,7 +365,7 @@ def print_summary(args, n_runs: int, results: dict, bench,
       ms = ["-", "-", f"{ms[0]} (joint)"]
     mean_ms = sum(p["ms"] for p in ph) / len(ph)
     sps = n_runs * c_batch / (mean_ms / 1000)
-    est = whole_run_estimate(res, bench.n_tasks, steps)
+    est = whole_run_estimate(res, bench.n_tasks, steps, res.get("rows_of"))
     ref = REFERENCE_WHOLE_RUN_S.get(m) if name == "mnist" else None
     print(f"| {m} | {' | '.join(ms)} | {sps:,.0f} | {res['compile_s']:.1f} | "
           f"{est:.1f} | {est / n_runs:.1f} | "

@@ -65,17 +65,34 @@ def test_scan_cond_and_conv_counts():
   assert bench.jaxpr_flops(conv) == 2 * 25 * 4 * 9 * 2
 
 
-@pytest.mark.parametrize("t,useful", [(0, 1 * (2 * 10 + 13)),
-                                      (1, 2 * (10 + 52) + 26),
-                                      (16, 2 * (10 + 52) + 128)])
-def test_step_rows_cifar_bcl_dual(t, useful):
+@pytest.mark.parametrize("t,useful,computed", [
+    (0, 1 * (2 * 10 + 13), 2 * 10 + 16),
+    (1, 2 * (10 + 52) + 26, 2 * (10 + 52) + 32),
+    (3, 2 * (10 + 52) + 52, 2 * (10 + 52) + 64),
+    (4, 2 * (10 + 52) + 65, 2 * (10 + 52) + 128),
+    (16, 2 * (10 + 52) + 128, 2 * (10 + 52) + 128)])
+def test_step_rows_cifar_bcl_dual(t, useful, computed):
   """Paper hyper-parameters on split CIFAR: 52 episodic + 13 generalisation
-  slots, replay 52, outer min((t + 1) * 13, 128) of 128."""
+  slots, replay 52, outer min((t + 1) * 13, 128) of 128. Without skips every
+  row is computed; with them no replay at task 0 and the outer draw in
+  buckets of 16, 32, 64, 128."""
   hp = dict(n_memories=65, n_val=0.2, replay_batch_size=128, inner_steps=2,
             n_meta=1)
   hp = train.methods.api.HParams(hp)
-  computed, got = bench.step_rows("bcl_dual", hp, 10, t, 17)
-  assert (computed, got) == (2 * (10 + 52) + 128, useful)
+  assert bench.step_rows("bcl_dual", hp, 10, t, 17) == (
+      2 * (10 + 52) + 128, useful)
+  assert bench.step_rows("bcl_dual", hp, 10, t, 17, skip_replay=True,
+                         buckets=True) == (computed, useful)
+
+
+def test_whole_run_estimate_follows_rows():
+  """With rows per task, later tasks are interpolated by their rows: equal
+  rows, equal cost (tasks 1 and 2 at the early rate here)."""
+  res = {"phases": {"task 0": {"ms": 1.0}, "early": {"ms": 2.0},
+                    "late": {"ms": 4.0}}, "eval_s": 0.0, "compile_s": 0.0}
+  rows = {1: 10, 2: 10, 3: 20}
+  assert bench.whole_run_estimate(res, 4, 1000, rows.get) == pytest.approx(
+      1 + 2 + 2 + 4)
 
 
 def test_whole_run_estimate_by_schedule():

@@ -330,6 +330,45 @@ def test_apply_many_all_padding_batch_keeps_stats(reduced):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_apply_many_skips_an_all_padding_batch_exactly(reduced):
+  """An all-padding batch is not computed (``lax.cond``): its logits are
+  zeros, and the loss and gradients of batch + padding batch equal those of
+  the batch alone bit for bit (what running it used to add was exact
+  zeros). A partly real batch is computed."""
+  from bcl_jax.methods import losses, steps
+  model, variables, _ = reduced
+  x = jax.random.uniform(jax.random.key(10), (4, 3072))
+  y = jnp.array([0, 1, 2, 3])
+  cols = jnp.zeros(100, bool).at[:5].set(True)
+
+  def loss(params, second_mask):
+    v = {"params": params, "batch_stats": variables["batch_stats"]}
+    masks = [jnp.ones(4, bool)] + ([] if second_mask is None
+                                   else [second_mask])
+    outs, new = steps.apply_many(model, v, [x] * len(masks), True, masks)
+    total = sum(losses.masked_ce(o, y, cols, m) for o, m in zip(outs, masks))
+    return total, (outs, new["batch_stats"])
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (alone, (_, stats_alone)), g_alone = grad(variables["params"], None)
+  (both, (outs, stats_both)), g_both = grad(variables["params"],
+                                            jnp.zeros(4, bool))
+  assert float(alone) == float(both)
+  np.testing.assert_array_equal(outs[1], np.zeros((4, 100), np.float32))
+  for a, b in zip(jax.tree_util.tree_leaves(g_alone) +
+                  jax.tree_util.tree_leaves(stats_alone),
+                  jax.tree_util.tree_leaves(g_both) +
+                  jax.tree_util.tree_leaves(stats_both)):
+    np.testing.assert_array_equal(a, b)
+  jaxpr = str(jax.make_jaxpr(loss)(variables["params"], jnp.zeros(4, bool)))
+  assert "cond[" in jaxpr
+  # One real row: computed, and its statistics move.
+  (_, (outs, stats_one)), _ = grad(variables["params"],
+                                   jnp.zeros(4, bool).at[0].set(True))
+  assert np.any(np.asarray(outs[1]) != 0)
+  assert not np.array_equal(stats_one["bn1"]["mean"], stats_alone["bn1"]["mean"])
+
+
 def test_model_train_updates_stats_eval_leaves_them(reduced):
   _, variables, apply = reduced
   x = jax.random.uniform(jax.random.key(3), (4, 3072))

@@ -99,6 +99,13 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
   unrolled = hp.meta_gradient == "unrolled"
   inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
+  # The outer draw has min((t + 1) * n_val, k_outer) real rows: on an image
+  # network only the smallest power-of-two bucket holding them is computed
+  # (issue 11). Networks without BatchNorm run the full draw: their step is
+  # cheap, and summing fewer padding rows would move the float rounding of
+  # the permuted-MNIST numbers.
+  buckets = (steps.row_buckets(k_outer) if steps.model_has_batch_stats(model)
+             else (k_outer,))
 
   def init(key):
     return State(
@@ -139,13 +146,18 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       replay = distill.draw_replay(state.memory, state.soft, k, t, k_replay)
       return inner_loss(params, batch_stats, hp_, x, y, valid, t, replay)
 
-    def outer_loss(params, batch_stats, key):
-      gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
+    def outer_on(b, params, batch_stats, gt, gs, gmask):
+      gt, gs, gmask = gt[:b], gs[:b], gmask[:b]
       (logits,), new = steps.apply_many(
           model, {"params": params, "batch_stats": batch_stats},
           [state.gen.x[gt, gs]], True, masks=[gmask])
       return losses.masked_ce(logits, state.gen.y[gt, gs], class_mask[gt],
                               gmask), new["batch_stats"]
+
+    def outer_loss(params, batch_stats, key):
+      gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
+      return steps.first_rows(n_outer, buckets, outer_on, params,
+                              batch_stats, gt, gs, gmask)
 
     def meta_iteration(variables, key):
       keys = jax.random.split(key, inner_steps + 1)

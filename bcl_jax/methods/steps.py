@@ -47,13 +47,20 @@ def has_batch_stats(variables) -> bool:
   return bool(jax.tree_util.tree_leaves(variables["batch_stats"]))
 
 
+def model_has_batch_stats(model: Model) -> bool:
+  """Whether ``model`` has BatchNorm statistics (from its init's shapes)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  return bool(jax.tree_util.tree_leaves(shapes.get("batch_stats", {})))
+
+
 def apply_many(model: Model, variables, xs, train: bool, masks=None):
   """Forward passes of several batches, in order.
 
   Networks without BatchNorm run them as one concatenated batch (the same
   maths, one matmul); with BatchNorm each batch is its own forward pass, as in
   the reference, each updating the running statistics in turn. A batch whose
-  mask is all False leaves the statistics alone.
+  mask is all False is not computed (:func:`_apply_if_any`): zero logits,
+  statistics left alone.
   """
   if not has_batch_stats(variables):
     if len(xs) == 1:
@@ -66,13 +73,67 @@ def apply_many(model: Model, variables, xs, train: bool, masks=None):
   outs = []
   for i, x in enumerate(xs):
     mask = None if masks is None else masks[i]
-    logits, new = model.apply(variables, x, train) if mask is None else \
-        model.apply(variables, x, train, mask)
-    if mask is not None and train:
-      new = select(jnp.any(mask), new, variables)
-    variables = new
+    if mask is None:
+      logits, variables = model.apply(variables, x, train)
+    elif not train:
+      logits, variables = model.apply(variables, x, train, mask)
+    else:
+      logits, variables = _apply_if_any(model, variables, x, mask)
     outs.append(logits)
   return outs, variables
+
+
+def _apply_if_any(model: Model, variables, x, mask):
+  """A training-mode forward pass of a masked batch, skipped (``lax.cond``)
+  when no row is real: zero logits, statistics unchanged.
+
+  The maths is unchanged: an all-padding batch adds zeros to every masked
+  loss and gradient and leaves BatchNorm's running statistics alone, so
+  running it only costs time. (XLA compiles a branch on its own, so the
+  passes that do run may round differently from before the cond existed:
+  ~1e-7 relative after a step on the tiny split-CIFAR runs.) The replay
+  batch before task 1 is such a batch, and on an image network it is most
+  of task 0's step (issue 11: dead rows). Under ``vmap`` (batched runs) the
+  cond becomes a select and both branches run.
+  """
+
+  def run(v):
+    return model.apply(v, x, True, mask)
+
+  def skip(v):
+    out = jax.eval_shape(run, v)[0]
+    return jnp.zeros(out.shape, out.dtype), v
+
+  return jax.lax.cond(jnp.any(mask), run, skip, variables)
+
+
+def row_buckets(k: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from ``smallest`` below ``k``, then ``k``: the static
+  row counts :func:`first_rows` chooses among."""
+  sizes, b = [], smallest
+  while b < k:
+    sizes.append(b)
+    b *= 2
+  return tuple(sizes) + (k,)
+
+
+def first_rows(n_needed, buckets: tuple[int, ...], fn: Callable, *args):
+  """``fn(b, *args)`` for the smallest bucket ``b >= n_needed``
+  (``lax.switch`` over the static sizes).
+
+  For a draw whose real rows come first (:func:`bcl_jax.memory.draw`) and
+  whose count is at most ``n_needed``: ``fn(b, ...)`` computes on the first
+  ``b`` rows only, so the padding beyond the bucket costs nothing. Each
+  bucket is its own compiled branch. ``n_needed`` should not depend on the
+  run (e.g. a function of the task), or under ``vmap`` the switch becomes a
+  select that runs every bucket.
+  """
+  if len(buckets) == 1:
+    return fn(buckets[0], *args)
+  index = jnp.searchsorted(jnp.asarray(buckets), n_needed, side="left")
+  index = jnp.minimum(index, len(buckets) - 1)
+  return jax.lax.switch(index, [
+      lambda *a, b=b: fn(b, *a) for b in buckets], *args)
 
 
 LossFn = Callable  # (params, batch_stats, key) -> (loss, batch_stats)
