@@ -66,8 +66,8 @@ def test_scan_cond_and_conv_counts():
 
 
 @pytest.mark.parametrize("t,useful,computed", [
-    (0, 1 * (2 * 10 + 13), 2 * 10 + 16),
-    (1, 2 * (10 + 52) + 26, 2 * (10 + 52) + 32),
+    (0, 1 * (2 * 10 + 13), 2 * 10 + 64),
+    (1, 2 * (10 + 52) + 26, 2 * (10 + 52) + 64),
     (3, 2 * (10 + 52) + 52, 2 * (10 + 52) + 64),
     (4, 2 * (10 + 52) + 65, 2 * (10 + 52) + 128),
     (16, 2 * (10 + 52) + 128, 2 * (10 + 52) + 128)])
@@ -75,7 +75,7 @@ def test_step_rows_cifar_bcl_dual(t, useful, computed):
   """Paper hyper-parameters on split CIFAR: 52 episodic + 13 generalisation
   slots, replay 52, outer min((t + 1) * 13, 128) of 128. Without skips every
   row is computed; with them no replay at task 0 and the outer draw in
-  buckets of 16, 32, 64, 128."""
+  buckets of 64 and 128."""
   hp = dict(n_memories=65, n_val=0.2, replay_batch_size=128, inner_steps=2,
             n_meta=1)
   hp = train.methods.api.HParams(hp)

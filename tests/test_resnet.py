@@ -345,7 +345,8 @@ def test_apply_many_skips_an_all_padding_batch_exactly(reduced):
     v = {"params": params, "batch_stats": variables["batch_stats"]}
     masks = [jnp.ones(4, bool)] + ([] if second_mask is None
                                    else [second_mask])
-    outs, new = steps.apply_many(model, v, [x] * len(masks), True, masks)
+    outs, new = steps.apply_many(model, v, [x] * len(masks), True, masks,
+                                 skippable=(False, True))
     total = sum(losses.masked_ce(o, y, cols, m) for o, m in zip(outs, masks))
     return total, (outs, new["batch_stats"])
 

@@ -52,7 +52,7 @@ def inner_loss(model, class_mask, kl_mean: bool):
     rx, ry, rt, rsoft, rmask = replay
     (lc, lr_), new = steps.apply_many(
         model, {"params": params, "batch_stats": batch_stats}, [x, rx], True,
-        masks=[valid, rmask])
+        masks=[valid, rmask], skippable=(False, True))
     cols = class_mask[rt]
     total = (losses.masked_ce(lc, y, class_mask[task], valid)
              + losses.masked_ce(lr_, ry, cols, rmask)

@@ -46,7 +46,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       rx, ry = memory.x[rt, rs], memory.y[rt, rs]
       (lc, lr_), new = steps.apply_many(
           model, {"params": params, "batch_stats": batch_stats},
-          [batch.x, rx], True, masks=[batch.valid, rmask])
+          [batch.x, rx], True, masks=[batch.valid, rmask],
+          skippable=(False, True))
       loss = (losses.masked_ce(lc, batch.y, class_mask[t], batch.valid)
               + losses.masked_ce(lr_, ry, class_mask[rt], rmask))
       return loss, new["batch_stats"]
