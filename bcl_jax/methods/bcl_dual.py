@@ -99,13 +99,6 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
   unrolled = hp.meta_gradient == "unrolled"
   inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
-  # The outer draw has min((t + 1) * n_val, k_outer) real rows: on an image
-  # network only the smallest power-of-two bucket holding them is computed
-  # (issue 11). Networks without BatchNorm run the full draw: their step is
-  # cheap, and summing fewer padding rows would move the float rounding of
-  # the permuted-MNIST numbers.
-  buckets = (steps.row_buckets(k_outer) if steps.model_has_batch_stats(model)
-             else (k_outer,))
 
   def init(key):
     return State(
@@ -153,6 +146,14 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
           [state.gen.x[gt, gs]], True, masks=[gmask])
       return losses.masked_ce(logits, state.gen.y[gt, gs], class_mask[gt],
                               gmask), new["batch_stats"]
+
+    # The outer draw has n_outer real rows: on an image network only the
+    # smallest bucket holding them is computed (issue 11). Networks without
+    # BatchNorm run the full draw: their step is cheap, and summing fewer
+    # padding rows would move the float rounding of the permuted-MNIST
+    # numbers.
+    buckets = (steps.row_buckets(k_outer)
+               if steps.has_batch_stats(state.variables) else (k_outer,))
 
     def outer_loss(params, batch_stats, key):
       gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)

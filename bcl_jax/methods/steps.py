@@ -47,12 +47,6 @@ def has_batch_stats(variables) -> bool:
   return bool(jax.tree_util.tree_leaves(variables["batch_stats"]))
 
 
-def model_has_batch_stats(model: Model) -> bool:
-  """Whether ``model`` has BatchNorm statistics (from its init's shapes)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  return bool(jax.tree_util.tree_leaves(shapes.get("batch_stats", {})))
-
-
 def apply_many(model: Model, variables, xs, train: bool, masks=None,
                skippable=()):
   """Forward passes of several batches, in order.
