@@ -171,17 +171,17 @@ def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
   return None
 
 
-def replay_rows(k: int, t: int, skips: bool = False) -> int:
+def replay_rows(k: int, t: int, skip: bool = False) -> int:
   """Replay rows the program computes at task ``t``: none before task 1
   where the all-padding pass is skipped (``steps.apply_many``), else ``k``."""
-  return 0 if (skips and t == 0) else k
+  return 0 if (skip and t == 0) else k
 
 
-def outer_rows(n: int, k: int, skips: bool = False) -> int:
+def outer_rows(n: int, k: int, buckets: bool = False) -> int:
   """bcl_dual's outer rows: the smallest bucket of ``steps.row_buckets(k)``
   holding ``n`` real rows where buckets apply, else ``k``."""
   from bcl_jax.methods import steps
-  if not skips:
+  if not buckets:
     return k
   return next(b for b in steps.row_buckets(k) if b >= n)
 
@@ -251,7 +251,7 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   evaluate = evaluation.Evaluator(setup.method, bench, setup.axis,
                                   int(setup.config.eval_batch_size))
   n_tasks = bench.n_tasks
-  bn = steps.model_has_batch_stats(setup.ctx.model)
+  bn = steps.has_batch_stats(state.variables)
   one_program = ((n_runs == 1 and setup.axis.squeeze_single)
                  or setup.axis.batching == "map")
   skips = {"skip_replay": bn and one_program, "buckets": bn}
