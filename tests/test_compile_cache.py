@@ -19,8 +19,6 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, {here!r})
 import jax
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from helpers import tiny_config, toy_benchmark
 from bcl_jax import experiment
 c = tiny_config(method="er", n_tasks=0, use=12, checkpoint=False, logs=False,
