@@ -131,8 +131,14 @@ def test_agem_projection_by_hand():
 def test_windows_cover_every_past():
   assert gem.windows(1) == (0,)
   assert gem.windows(2) == (0, 1)
-  assert gem.windows(10) == (0, 1, 2, 4, 8, 9)
-  assert gem.windows(17) == (0, 1, 2, 4, 8, 16)
+  assert gem.windows(10) == (0, 1, 2, 3, 4, 6, 8, 9)
+  assert gem.windows(17) == (0, 1, 2, 3, 4, 6, 8, 12, 16)
+  for n in range(2, 40):
+    w = gem.windows(n)
+    assert w[0] == 0 and w[-1] == n - 1 and list(w) == sorted(set(w))
+    for t in range(1, n):  # the window of task t holds its t past tasks
+      win = min(s for s in w if s >= t)
+      assert win <= max(t + t // 2, 2)  # at most 1.5x (and 2 for t = 1)
 
 
 def test_fold_stats_is_the_sequential_ema():

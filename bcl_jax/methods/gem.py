@@ -11,7 +11,7 @@ replaced by the solution of GEM's dual QP (margin ``memory_strength``,
 JAX inside the step). One SGD step follows.
 
 Cost: the past-task pass covers a static window of the first ``W`` task rows,
-``W`` the smallest of ``1, 2, 4, ..., n_tasks - 1`` holding all past tasks
+``W`` the smallest of :func:`windows` holding all past tasks
 (picked by ``lax.switch`` on the task, which is the same for every run, so
 only one window runs); rows of unseen tasks in the window are masked out of
 the QP exactly. Task 0 has no past and skips the pass. The window's rows,
@@ -56,10 +56,19 @@ class State(NamedTuple):
 
 
 def windows(n_tasks: int) -> tuple[int, ...]:
-  """Static sizes of the past-task pass: ``0, 1, 2, 4, ..., n_tasks - 1``."""
+  """Static sizes of the past-task pass: ``0, 1, 2, 3, 4, 6, 8, 12, 16,
+  ..., n_tasks - 1`` (powers of two and 1.5 times them).
+
+  Between powers of two alone, the window at task ``t`` computes up to
+  ``2t`` rows (10 tasks: 52 task passes over a run where 45 are needed,
+  15% wasted); the half steps bring that to 47 (4%) for two more branches
+  of the switch to compile.
+  """
   out, w = [0], 1
   while w < n_tasks - 1:
     out.append(w)
+    if w >= 2 and w + w // 2 < n_tasks - 1:
+      out.append(w + w // 2)
     w *= 2
   if n_tasks > 1:
     out.append(n_tasks - 1)
@@ -129,8 +138,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
 
   def past_pass(w, params, batch_stats, memory, t, g):
     """Tasks ``0..w-1``'s flat gradients (rows ``>= t`` masked), padded
-    with zero rows to ``K``; their Gram matrix and dot products with ``g``
-    (padded likewise); and the running statistics after their passes."""
+    with zero rows to ``K``; their dot products with ``g`` (padded
+    likewise); and the running statistics after their passes."""
     def one(x, y, cols, filled):
       _, g, bs = ce_grad(params, batch_stats, x, y, cols, filled)
       return ravel_pytree(g)[0], bs
@@ -139,10 +148,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
                                memory.filled[:w])
     active = (jnp.arange(w) < t) & jnp.any(memory.filled[:w], axis=1)
     pad = k_max - w
-    return (jnp.pad(rows, ((0, pad), (0, 0))),
-            jnp.pad(rows @ rows.T, ((0, pad), (0, pad))),
-            jnp.pad(rows @ g, (0, pad)), jnp.pad(active, (0, pad)),
-            fold_stats(batch_stats, news, active))
+    return (jnp.pad(rows, ((0, pad), (0, 0))), jnp.pad(rows @ g, (0, pad)),
+            jnp.pad(active, (0, pad)), fold_stats(batch_stats, news, active))
 
   def observe(state, batch: api.Batch, key):
     del key
@@ -158,10 +165,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     def branch(w):
       def run(_):
         if w == 0:
-          z = jnp.zeros((k_max,), g.dtype)
           return (jnp.zeros((k_max, g.shape[0]), g.dtype),
-                  jnp.zeros((k_max, k_max), g.dtype), z,
-                  jnp.zeros((k_max,), bool), bs)
+                  jnp.zeros((k_max,), g.dtype), jnp.zeros((k_max,), bool), bs)
         return past_pass(w, params, bs, memory, t, g)
       return run
 
@@ -169,14 +174,18 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     # only the window's gradients are computed. The QP is outside it, so it
     # is compiled once, not once per window.
     which = jnp.searchsorted(jnp.asarray(sizes), t, side="left")
-    rows, gram, dots, active, bs_past = jax.lax.switch(
+    rows, dots, active, bs_past = jax.lax.switch(
         which, [branch(w) for w in sizes], None)
     violated = jnp.any(active & (dots < 0))
-    x = jax.lax.cond(
-        violated,
-        lambda: qp.project_with(g, rows, gram, dots, active,
-                                state.hp["memory_strength"]),
-        lambda: g)
+
+    def project(g, rows, dots, active, margin):
+      return qp.project_with(g, rows, rows @ rows.T, dots, active, margin)
+
+    # Most steps violate nothing (permuted MNIST: 55-83% of them): the Gram
+    # matrix, the QP and the projection run only on the others, also when
+    # the runs are vmapped.
+    x = steps.rare_cond(violated, project, lambda g, *_: g, g, rows, dots,
+                        active, state.hp["memory_strength"])
     return projected_step(state, memory, params, unravel(x), bs_past, bs,
                           bs_cur, loss)
 
