@@ -64,8 +64,11 @@ SHAPES = {
 
 
 # The PyTorch reference's whole run, one seed, on the embedded 10-task
-# permuted MNIST (the paper's protocol) on this project's 2-core CPU, as
-# measured for the baselines issue; the methods it has and can run there.
+# permuted MNIST (the paper's protocol), for the methods it has and can run
+# there: the baselines issue's figures (2-core CPU of that day). The
+# reference's time depends much on the machine (ftml took 17.9-20.5 s on a
+# later 2-core AVX-512 CPU): scripts/vs_reference.py runs both here, one
+# after the other, which is the comparison that counts.
 REFERENCE_WHOLE_RUN_S = {"single": 4.5, "ewc": 20.1, "gem": 84.7,
                          "ftml": 245.0}
 
