@@ -600,3 +600,56 @@ def test_masked_padding_rows_stay_finite_with_one_real_row():
   assert np.all(np.isfinite(np.asarray(logits)))
   for leaf in jax.tree_util.tree_leaves((grads, new)):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def _pool_loop(x, dy, window=3, stride=2, padding=1):
+  """torch.nn.MaxPool2d and its gradient, by loops (float64): each window's
+  first maximum in row-major order takes the cotangent."""
+  n, h, w, c = x.shape
+  ho = (h + 2 * padding - window) // stride + 1
+  wo = (w + 2 * padding - window) // stride + 1
+  y = np.full((n, ho, wo, c), -np.inf)
+  dx = np.zeros(x.shape)
+  for b in range(n):
+    for ch in range(c):
+      for oi in range(ho):
+        for oj in range(wo):
+          best = None
+          for i in range(window):
+            for j in range(window):
+              r, q = oi * stride + i - padding, oj * stride + j - padding
+              if 0 <= r < h and 0 <= q < w and (
+                  best is None or x[b, r, q, ch] > x[b, best[0], best[1], ch]):
+                best = (r, q)
+          y[b, oi, oj, ch] = x[b, best[0], best[1], ch]
+          dx[b, best[0], best[1], ch] += dy[b, oi, oj, ch]
+  return y, dx
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 8, 8, 2)])
+def test_max_pool_first_maximum_like_pytorch(shape):
+  rng = np.random.default_rng(0)
+  # ReLU-like input: many ties at 0 and a few repeated positive values.
+  x = np.maximum(rng.integers(-3, 3, shape), 0).astype(np.float32)
+  dy = rng.standard_normal((shape[0], (shape[1] - 1) // 2 + 1,
+                            (shape[2] - 1) // 2 + 1, shape[3]))
+  y_want, dx_want = _pool_loop(x, dy)
+  y, vjp = jax.vjp(lambda v: resnet.max_pool(v, 3, 2, 1), jnp.asarray(x))
+  (dx,) = vjp(jnp.asarray(dy, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(y), y_want)
+  np.testing.assert_allclose(np.asarray(dx), dx_want, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_matches_flax_values_and_gradients():
+  import flax.linen as nn
+  x = jnp.maximum(jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 5)), 0)
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 5))
+
+  def flax_pool(v):
+    return nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+  np.testing.assert_array_equal(resnet.max_pool(x, 3, 2, 1), flax_pool(x))
+  ours = jax.grad(lambda v: jnp.sum(resnet.max_pool(v, 3, 2, 1) * w))(x)
+  theirs = jax.grad(lambda v: jnp.sum(flax_pool(v) * w))(x)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+  assert np.array_equal(np.asarray(ours) != 0, np.asarray(theirs) != 0)
