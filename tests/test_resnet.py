@@ -626,7 +626,7 @@ def _pool_loop(x, dy, window=3, stride=2, padding=1):
   return y, dx
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 8, 8, 2)])
+@pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 8, 8, 2), (2, 6, 10, 3)])
 def test_max_pool_first_maximum_like_pytorch(shape):
   rng = np.random.default_rng(0)
   # ReLU-like input: many ties at 0 and a few repeated positive values.

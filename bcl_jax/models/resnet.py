@@ -351,17 +351,46 @@ def _pool_bwd(window, stride, padding, res, dy):
   first, (n, h, w, c) = res
   hp, wp = h + 2 * padding, w + 2 * padding
   ho, wo = dy.shape[1:3]
-  span = (stride * (ho - 1) + 1, stride * (wo - 1) + 1)
-  dxp = None
-  for k in range(window * window):
-    i, j = divmod(k, window)
-    # Each output's cotangent back at its tap's input position: stride - 1
-    # zeros between outputs, offset (i, j).
-    g = jax.lax.pad(jnp.where(first == k, dy, 0.0), jnp.zeros((), dy.dtype),
-                    ((0, 0, 0), (i, hp - i - span[0], stride - 1),
-                     (j, wp - j - span[1], stride - 1), (0, 0, 0)))
-    dxp = g if dxp is None else dxp + g
+  taps = [jnp.where(first == k, dy, 0.0) for k in range(window * window)]
+  if (window, stride) == (3, 2) and hp == 2 * (ho + 1) and wp == 2 * (wo + 1):
+    dxp = _scatter_3x3_s2(taps)
+  else:
+    span = (stride * (ho - 1) + 1, stride * (wo - 1) + 1)
+    dxp = None
+    for k, g in enumerate(taps):
+      i, j = divmod(k, window)
+      # Each output's cotangent back at its tap's input position: stride - 1
+      # zeros between outputs, offset (i, j).
+      g = jax.lax.pad(g, jnp.zeros((), dy.dtype),
+                      ((0, 0, 0), (i, hp - i - span[0], stride - 1),
+                       (j, wp - j - span[1], stride - 1), (0, 0, 0)))
+      dxp = g if dxp is None else dxp + g
   return (dxp[:, padding:padding + h, padding:padding + w, :],)
+
+
+def _scatter_3x3_s2(taps):
+  """The padded input's cotangent of a 3x3 stride-2 pool, by parity planes.
+
+  Padded position ``(2m + a, 2n + b)`` is reached by tap row ``1`` of
+  output row ``m`` when ``a = 1``, and by tap rows ``0`` of ``m`` and ``2``
+  of ``m - 1`` when ``a = 0`` (columns alike). So each of the four planes is
+  a sum of one to four shifted ``[ho, wo]`` tap cotangents, and the planes
+  interleave into the ``[2 (ho + 1), 2 (wo + 1)]`` result: about one
+  input's worth of memory instead of nine padded copies summed.
+  """
+  def shifted(g, down, right):   # [ho, wo] -> [ho + 1, wo + 1], offset
+    return jnp.pad(g, ((0, 0), (down, 1 - down), (right, 1 - right), (0, 0)))
+
+  t = lambda i, j: taps[3 * i + j]  # noqa: E731
+  ee = (shifted(t(0, 0), 0, 0) + shifted(t(0, 2), 0, 1)
+        + shifted(t(2, 0), 1, 0) + shifted(t(2, 2), 1, 1))
+  eo = shifted(t(0, 1), 0, 0) + shifted(t(2, 1), 1, 0)
+  oe = shifted(t(1, 0), 0, 0) + shifted(t(1, 2), 0, 1)
+  oo = shifted(t(1, 1), 0, 0)
+  # [N, ho + 1, a, wo + 1, b, C] -> [N, 2 (ho + 1), 2 (wo + 1), C]
+  planes = jnp.stack([jnp.stack([ee, eo], 3), jnp.stack([oe, oo], 3)], 2)
+  n, m, _, k, _, c = planes.shape
+  return planes.reshape(n, 2 * m, 2 * k, c)
 
 
 max_pool.defvjp(_pool_fwd, _pool_bwd)
