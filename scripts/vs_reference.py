@@ -6,7 +6,8 @@ one after the other (interleaved, so both see the same machine load).
 
 The reference (github.com/phquang/Bilevel-Continual-Learning, with torch,
 quadprog, tqdm and pillow in ``--ref-python``; ``higher`` too for bcl_dual)
-runs unmodified on CPU: a shim makes its ``.cuda()`` calls no-ops. Its data
+runs unmodified on CPU: a shim (written as ``cpu_shim.py`` into ``--ref-dir``)
+makes its ``.cuda()`` calls no-ops. Its data
 is our embedded 10-task permuted MNIST, written once as the reference's
 ``data/mnist_permutations.pt`` (same permutations, same 4,000 / 1,000 digits
 per task). Both sides: the paper protocol, seed 0, one run, the whole
