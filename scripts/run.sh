@@ -82,7 +82,8 @@ EXTRA=("$@")
 CUB_WEIGHTS=()
 if [[ -f "${DATA}/resnet18.npz" ]]; then
   CUB_WEIGHTS=(--config.pretrained="${DATA}/resnet18.npz")
-elif [[ -n "${PRETRAINED}" ]]; then
+else
+  # Empty PRETRAINED: a random init (configs/cub.py defaults to torchvision).
   CUB_WEIGHTS=(--config.pretrained="${PRETRAINED}")
 fi
 

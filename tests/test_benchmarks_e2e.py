@@ -271,8 +271,10 @@ def test_run_sh_four_benchmarks(tmp_path, cifar_data):
   _prepare("mini", "--source", str(write_mini_caches(tmp_path / "mini")),
            "--out-dir", str(data), "--train-per-class", "2")
   env = _env()
+  # PRETRAINED='': CUB from a random init; the default downloads the
+  # ImageNet weights (the loader has its own tests on local files).
   env.update(DATA=str(data), RESULTS=str(tmp_path / "results"),
-             PYTHON=sys.executable)
+             PYTHON=sys.executable, PRETRAINED="")
   proc = subprocess.run(
       ["bash", os.path.join(REPO, "scripts", "run.sh"), "--config.n_tasks=2",
        "--config.use=20", "--config.n_memories=20",

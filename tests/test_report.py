@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bcl_jax import experiment
+from bcl_jax import methods
 from bcl_jax import report
 from bcl_jax import results
 
@@ -25,10 +26,14 @@ def tiny(**kw):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config("quick")
-  c.update(dict(n_tasks=3, use=50, hidden=(32,), n_memories=20,
-                replay_batch_size=8, checkpoint=False, progress=False,
-                eval_batch_size=500, heatmap=False, eval_init=False))
+  c.update(dict(n_tasks=3, use=50, hidden=(32,), checkpoint=False,
+                progress=False, eval_batch_size=500, heatmap=False,
+                eval_init=False))
   c.update(kw)
+  # Memory sizes only for a method that has them ('single' refuses them).
+  declared = {h.name for h in methods.get(c.method).hparams}
+  c.update({k: v for k, v in (("n_memories", 20), ("replay_batch_size", 8))
+            if k in declared})
   return c
 
 
