@@ -69,6 +69,7 @@ torch.save([[task("tr", i) for i in range(n)],
 
 def export_benchmark(ref_python: str, out: str) -> None:
   """Our embedded permuted MNIST as the reference's ``.pt`` file."""
+  import numpy as np
   sys.path.insert(0, ROOT)
   from bcl_jax.config import load_config_file
   from bcl_jax.data import load_benchmark
@@ -81,7 +82,6 @@ def export_benchmark(ref_python: str, out: str) -> None:
       arrays[f"y{s}{i}"] = y
   with tempfile.TemporaryDirectory() as tmp:
     npz = os.path.join(tmp, "mnist.npz")
-    import numpy as np
     np.savez(npz, **arrays)
     script = os.path.join(tmp, "to_pt.py")
     with open(script, "w") as f:

@@ -71,11 +71,11 @@ def rare_cond(pred, true_fn: Callable, false_fn: Callable, *operands):
       out = cond(pred[0], jax.tree_util.tree_map(lambda x: x[0], operands))
       out = jax.tree_util.tree_map(lambda x: x[None], out)
     else:
-      def some(ops):
-        return select_rows(pred, jax.vmap(true_fn)(*ops),
-                           jax.vmap(false_fn)(*ops))
-      out = jax.lax.cond(jnp.any(pred), some,
-                         lambda ops: jax.vmap(false_fn)(*ops), operands)
+      otherwise = jax.vmap(false_fn)(*operands)
+      out = jax.lax.cond(
+          jnp.any(pred),
+          lambda: select_rows(pred, jax.vmap(true_fn)(*operands), otherwise),
+          lambda: otherwise)
     return out, jax.tree_util.tree_map(lambda _: True, out)
 
   return cond(pred, tuple(operands))
