@@ -38,7 +38,7 @@ from bcl_jax import methods
 from bcl_jax.config import resolve
 from bcl_jax.data.benchmark import Benchmark
 from bcl_jax.evaluation import TRACE_COUNTS, Evaluator
-from bcl_jax.methods import api
+from bcl_jax.methods import api, steps
 from bcl_jax.models import build_model
 from bcl_jax.runs import Run, RunAxis, expand_runs, stacked_hp
 
@@ -238,34 +238,31 @@ def _chunk_fn(setup: Setup, state, data, index, valid, keys, task, pos,
 
   n_runs = index.shape[0]
 
-  def skip_padding(step, s, idx, v, k, p, zeros):
+  def skip_padding(step, s, idx, v, k, p):
     # Padding steps (after a task's last batch) are the same for every run,
     # so one un-batched predicate skips them: a real branch, which leaves
     # the state (memories included) untouched instead of selecting
     # between two copies of it.
-    return jax.lax.cond(jnp.any(v), lambda s: step(s, idx, v, k, p),
-                        lambda s: (s, zeros), s)
-
-  def zeros_of(f, *args):
-    out = jax.eval_shape(f, *args)[1]
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+    def zeros(shapes, s):
+      return s, jax.tree_util.tree_map(
+          lambda a: jnp.zeros(a.shape, a.dtype), shapes[1])
+    return steps.cond_or_skip(jnp.any(v), lambda s: step(s, idx, v, k, p),
+                              zeros, s)
 
   if (n_runs == 1 and axis.squeeze_single) or axis.batching == "map":
     # Each run scans its own chunk; runs (if several) one after another.
     def run_scan(s, index, valid, keys):
-      zeros = zeros_of(one_run, s, index[0], valid[0], keys[0], pos[0])
       def body(s, inp):
-        return skip_padding(one_run, s, *inp, zeros)
+        return skip_padding(one_run, s, *inp)
       return jax.lax.scan(body, s, (index, valid, keys, pos))
     state, (m, lca) = axis.over_runs(run_scan)(state, index, valid, keys)
     return state, m, lca
 
   # vmap: scan over time, all runs batched inside each step.
   step = axis.over_runs(one_run, (0, 0, 0, 0, None))
-  zeros = zeros_of(step, state, index[:, 0], valid[:, 0], keys[:, 0], pos[0])
 
   def body(s, inp):
-    return skip_padding(step, s, *inp, zeros)
+    return skip_padding(step, s, *inp)
 
   state, (m, lca) = jax.lax.scan(
       body, state, (jnp.swapaxes(index, 0, 1), jnp.swapaxes(valid, 0, 1),
