@@ -191,16 +191,43 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
   4x4 late stages) and the whole network's step ~1.35x. On GPUs cuDNN's
   convolutions win, so ``"auto"`` (:data:`CONV_IMPL`) picks by backend.
   Both compute the same sums; only the float summation order differs.
+
+  One exception on CPU (``"auto"`` only): a stride-1 3x3 convolution with
+  at least 8 input channels over at least :data:`XLA_CONV_MIN_PIXELS`
+  output pixels (``N * H * W``; 64 images of the reduced ResNet-18's first
+  stage, 16x16x20) runs as an XLA convolution. The im2col patches are then
+  9x the activations (24 MB at 128 images) and im2col falls off a cliff
+  (measured forward + backward per conv inside ``lax.scan``, 2-core AVX-512
+  CPU: 1.2 ms at 64 images, 2.1 at 96, 8.6 at 128, against 1.3, 2.0, 2.6 for
+  the XLA conv); below that size im2col is as fast or faster. Split CIFAR's
+  outer pass (64 and 128 rows) and evaluation (100-500 rows) cross it.
   """
   impl = CONV_IMPL
   if impl == "auto":
     impl = "im2col" if jax.default_backend() == "cpu" else "conv"
+    if impl == "im2col" and _xla_wins_on_cpu(x, kernel, stride):
+      impl = "conv"
   if impl == "im2col":
     return conv2d_im2col(x, kernel, stride, padding)
   if impl != "conv":
     raise ValueError(f"unknown conv implementation {impl!r} (BCL_JAX_CONV); "
                      "choose 'auto', 'im2col' or 'conv'")
   return conv2d_xla(x, kernel, stride, padding)
+
+
+# The smallest ``N * H * W`` (output pixels of the batch) from which a
+# stride-1 3x3 convolution with at least 8 input channels runs as an XLA
+# convolution on CPU under ``CONV_IMPL="auto"`` (see :func:`conv2d`); 0
+# turns the rule off. Read when a model is traced.
+XLA_CONV_MIN_PIXELS = int(os.environ.get("BCL_JAX_XLA_CONV_MIN_PIXELS",
+                                         str(64 * 16 * 16)))
+
+
+def _xla_wins_on_cpu(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
+  kh, kw, cin, _ = kernel.shape
+  n, h, w, _ = x.shape
+  return (XLA_CONV_MIN_PIXELS > 0 and stride == 1 and kh == kw == 3
+          and cin >= 8 and n * h * w >= XLA_CONV_MIN_PIXELS)
 
 
 def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int,
