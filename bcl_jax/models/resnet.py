@@ -175,8 +175,9 @@ def _conv_raw(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 # How :func:`conv2d` computes: "im2col" (shifted slices + one matmul),
-# "conv" (XLA convolutions, :func:`conv2d_xla`) or "auto": im2col on CPU,
-# conv elsewhere. Read when a model is traced, so set it before compiling.
+# "conv" (XLA convolutions, :func:`conv2d_xla`) or "auto": im2col on CPU
+# (except large stride-1 3x3 convs, :data:`XLA_CONV_MIN_PIXELS`), conv
+# elsewhere. Read when a model is traced, so set it before compiling.
 CONV_IMPL = os.environ.get("BCL_JAX_CONV", "auto")
 
 
