@@ -160,6 +160,16 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       return steps.first_rows(n_outer, buckets, outer_on, params,
                               batch_stats, gt, gs, gmask)
 
+    def outer_value_and_grad(params, batch_stats, key):
+      # ``value_and_grad(outer_loss)`` with the gradient taken inside each
+      # bucket's branch: differentiating through the switch instead makes
+      # every branch return zeros for the other branches' residuals (each
+      # activation of their passes), tens of MB written per step.
+      gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
+      return steps.first_rows(
+          n_outer, buckets, jax.value_and_grad(outer_on, 1, has_aux=True),
+          params, batch_stats, gt, gs, gmask)
+
     def meta_iteration(variables, key):
       keys = jax.random.split(key, inner_steps + 1)
       theta0 = variables
@@ -178,8 +188,8 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
         vk, acc, _ = steps.inner_loop(in_loss, theta0, keys[:-1], hp_["lr"],
                                       accumulate)
         p = vk["params"]
-        (lout, bs), g_out = jax.value_and_grad(outer_loss, has_aux=True)(
-            p, vk["batch_stats"], keys[-1])
+        (lout, bs), g_out = outer_value_and_grad(p, vk["batch_stats"],
+                                                 keys[-1])
       step = steps.add(acc, g_out) if accumulate else g_out
       after = {"params": steps.sgd(p, step, hp_["lr"]), "batch_stats": bs}
       return steps.interpolate(theta0, after, hp_["beta"]), lout
