@@ -149,3 +149,32 @@ def test_learning_curve_points_equal_evaluations_between_steps():
     state = jax.tree_util.tree_map(lambda a: a[None], s)
   from bcl_jax import metrics
   assert metrics.lca(curve[0]) == pytest.approx(curve[0].mean())
+
+
+@pytest.mark.parametrize("model, shape", [("mlp", (12,)),
+                                          ("resnet18_reduced", (3072,))])
+def test_cheaply_compiled_initial_state_is_bit_identical(model, shape):
+  # init_state compiles at INIT_COMPILER_OPTIONS on CPU; the values must be
+  # those of the fully optimised program, bit for bit (every result starts
+  # from them).
+  rng = np.random.default_rng(0)
+  tasks = [Task(x_train=rng.integers(0, 255, (4,) + shape).astype(np.uint8),
+                y_train=np.arange(4) % 2 + 2 * t,
+                x_test=rng.integers(0, 255, (2,) + shape).astype(np.uint8),
+                y_test=np.arange(2) + 2 * t) for t in range(2)]
+  bench = make_benchmark("toy", tasks, n_outputs=4, task_incremental=True)
+  setup = train.build(tiny_config(method="bcl_dual", model=model,
+                                  num_seeds=2), bench)
+  state = train.init_state(setup)
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.seed), 0)
+                    for r in setup.runs])
+  full = jax.jit(setup.axis.over_runs(setup.method.init)).lower(keys).compile(
+      compiler_options={"xla_backend_optimization_level": 3,
+                        "xla_llvm_disable_expensive_passes": False})(keys)
+  full = full._replace(hp=state.hp)
+  for a, b in zip(jax.tree_util.tree_leaves(state),
+                  jax.tree_util.tree_leaves(full)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Two seeds, so the comparison covers more than one key.
+  kernel = jax.tree_util.tree_leaves(state.variables["params"])[-1]
+  assert not np.array_equal(kernel[0], kernel[1])
