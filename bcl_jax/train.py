@@ -74,7 +74,8 @@ def build(config, bench: Benchmark) -> Setup:
                       tuple(config.hidden), pretrained=config.pretrained)
   ctx = api.Context(model=model, class_mask=bench.class_mask,
                     input_shape=bench.input_shape,
-                    input_dtype=bench.tasks[0].x_train.dtype)
+                    input_dtype=bench.tasks[0].x_train.dtype,
+                    steps_per_task=steps_per_task(config, bench))
   axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching,
                  spec.cpu_batching)
   return Setup(config, bench, spec, ctx, spec.make(hp, ctx), axis)
@@ -110,6 +111,13 @@ def state_template(setup: Setup):
 
 
 # -- data order ------------------------------------------------------------
+
+def steps_per_task(config, bench: Benchmark) -> tuple[int, ...]:
+  """Observe steps of each task's sequential pass (any seed)."""
+  bsz, use = int(config.batch_size), float(config.use)
+  return tuple(math.ceil(len(_kept(t.x_train.shape[0], use, 0, i)) / bsz)
+               * int(config.n_epochs) for i, t in enumerate(bench.tasks))
+
 
 def _kept(n: int, use: float, seed: int, task: int) -> np.ndarray:
   keep = int(n * use) if use <= 1 else int(use)

@@ -90,3 +90,41 @@ def test_row_buckets():
   assert steps.row_buckets(40) == (40,)
   assert steps.row_buckets(64) == (64,)
 
+
+
+def test_plan_row_buckets_adds_buckets_that_pay_for_themselves():
+  # Split CIFAR's outer draw: 13 more real rows per task, at most 128.
+  needs = [min(13 * (t + 1), 128) for t in range(17)]
+  # Short run: the saving never reaches one compile -> the powers of two.
+  assert steps.plan_row_buckets(128, needs, [50] * 17, 0.6e-3, 5.0) == (
+      64, 128)
+  # Long run: 80 first (tasks 4 and 5: 48 rows x 500 steps x 0.6 ms =
+  # 14.4 s saved for 5 s; 96 would save 32 x 750 x 0.6 ms = 14.4 s too,
+  # and 80 wins the tie by coming first), then 32 (tasks 0-1: 32 x 500 x
+  # 0.6 ms = 9.6 s); then 96 (task 6 alone: 16 x 250 x 0.6 ms = 2.4 s) and
+  # 16 (task 0: 16 x 250 x 0.6 ms = 2.4 s) do not pay.
+  assert steps.plan_row_buckets(128, needs, [250] * 17, 0.6e-3, 5.0) == (
+      32, 64, 80, 128)
+  # Free compilation: every multiple of 16 some phase can use.
+  assert steps.plan_row_buckets(128, needs, [250] * 17, 0.6e-3, 0.0) == (
+      16, 32, 48, 64, 80, 96, 112, 128)
+  # A draw that never exceeds its smallest bucket gets nothing new.
+  assert steps.plan_row_buckets(40, [40] * 5, [1000] * 5, 1.0, 0.0) == (40,)
+
+
+def test_bcl_dual_plans_its_outer_buckets_from_the_run_length():
+  from bcl_jax.methods import api, bcl_dual
+  from bcl_jax.models import build_model
+  mask = np.zeros((17, 85), bool)
+  for t in range(17):
+    mask[t, 5 * t:5 * t + 5] = True
+  model = build_model("mlp", (3072,), 85, hidden=(4,))
+  ctx = lambda n: api.Context(model, mask, (3072,), np.uint8,  # noqa: E731
+                              steps_per_task=(n,) * 17)
+  assert bcl_dual.plan_outer_buckets(ctx(50), 128, 13, 128) == (64, 128)
+  assert bcl_dual.plan_outer_buckets(ctx(250), 128, 13, 128) == (
+      32, 64, 80, 128)
+  # Unknown lengths: the powers of two.
+  assert bcl_dual.plan_outer_buckets(api.Context(model, mask, (3072,),
+                                                 np.uint8), 128, 13,
+                                     128) == (64, 128)

@@ -103,6 +103,10 @@ class Context:
   class_mask: np.ndarray  # bool [n_tasks, n_outputs]
   input_shape: tuple[int, ...]
   input_dtype: Any
+  # Observe steps of each task's phase (batches x epochs), when known (the
+  # training loop gives them; () otherwise): a method may size what it
+  # compiles by how long it will run (bcl_dual's row buckets).
+  steps_per_task: tuple[int, ...] = ()
 
   @property
   def n_tasks(self) -> int:

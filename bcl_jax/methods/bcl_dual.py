@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bcl_jax import memory as mem
 from bcl_jax.methods import adaptation, api, distill, losses, steps
@@ -86,6 +87,35 @@ def validate(hp: api.HParams, config) -> None:
             f"{hp.meta_gradient!r}")
 
 
+# The cost model of the outer draw's row buckets on CPU (measured on a 2-core
+# AVX-512 CPU, split CIFAR's reduced ResNet-18 inside the training step): a
+# row of the outer pass, forward + backward, costs ~0.6 ms per step per 3,072
+# input values (15-24 ms per step for 32 rows); each more bucket is one more
+# compiled forward + backward pass, ~5 s.
+BUCKET_ROW_SECONDS = 0.6e-3
+BUCKET_COMPILE_SECONDS = 5.0
+
+
+def plan_outer_buckets(ctx: api.Context, k_outer: int, n_val: int,
+                       rbs: int) -> tuple[int, ...]:
+  """Row buckets of the outer draw (image networks).
+
+  On CPU, with the steps per task known, :func:`steps.plan_row_buckets`
+  adds buckets between the powers of two where the rows they save over the
+  run outweigh their compile time: split CIFAR at ``use=500`` (50 steps per
+  task) keeps 64 and 128; at its full size (250 steps) it also compiles 32
+  and 80 (measured, same process, interleaved: 15-24 ms less per step on
+  tasks 0, 1 and 4-6; +4.9 s of compilation per bucket). Elsewhere (GPUs,
+  unknown lengths) the powers of two from 64.
+  """
+  if not ctx.steps_per_task or jax.default_backend() != "cpu":
+    return steps.row_buckets(k_outer)
+  needs = [min((t + 1) * n_val, rbs) for t in range(len(ctx.steps_per_task))]
+  per_row = BUCKET_ROW_SECONDS * int(np.prod(ctx.input_shape)) / 3072
+  return steps.plan_row_buckets(k_outer, needs, ctx.steps_per_task, per_row,
+                                BUCKET_COMPILE_SECONDS)
+
+
 def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
@@ -99,6 +129,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
   unrolled = hp.meta_gradient == "unrolled"
   inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
+  outer_buckets = plan_outer_buckets(ctx, k_outer, n_val, rbs)
 
   def init(key):
     return State(
@@ -148,12 +179,12 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
                               gmask), new["batch_stats"]
 
     # The outer draw has n_outer real rows: on an image network only the
-    # smallest bucket holding them is computed (issue 11). Networks without
-    # BatchNorm run the full draw: their step is cheap, and summing fewer
-    # padding rows would move the float rounding of the permuted-MNIST
-    # numbers.
-    buckets = (steps.row_buckets(k_outer)
-               if steps.has_batch_stats(state.variables) else (k_outer,))
+    # smallest bucket holding them is computed (issue 11; the buckets:
+    # outer_buckets below). Networks without BatchNorm run the full draw:
+    # their step is cheap, and summing fewer padding rows would move the
+    # float rounding of the permuted-MNIST numbers.
+    buckets = (outer_buckets if steps.has_batch_stats(state.variables)
+               else (k_outer,))
 
     def outer_loss(params, batch_stats, key):
       gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)

@@ -186,15 +186,46 @@ def row_buckets(k: int, smallest: int = 64) -> tuple[int, ...]:
   row counts :func:`first_rows` chooses among.
 
   Each bucket is one more compiled copy of the network's forward and
-  backward pass (~25 s of compilation for the reduced ResNet-18 on 2 CPU
+  backward pass (~5 s of compilation for the reduced ResNet-18 on 2 CPU
   cores), so the default keeps them few: 64 and 128 for split CIFAR's
-  outer draw of 128 (16, 32, 64, 128 doubled the step's compile time).
+  outer draw of 128; :func:`plan_row_buckets` adds more where a long run
+  pays for them.
   """
   sizes, b = [], smallest
   while b < k:
     sizes.append(b)
     b *= 2
   return tuple(sizes) + (k,)
+
+
+def plan_row_buckets(k: int, needs, steps, row_seconds: float,
+                     compile_seconds: float, step: int = 16,
+                     smallest: int = 64) -> tuple[int, ...]:
+  """:func:`row_buckets` plus the extra buckets that pay for themselves.
+
+  A draw of ``k`` rows has ``needs[t]`` real rows in phase ``t``, which
+  runs ``steps[t]`` observe steps. Phase ``t`` computes the smallest bucket
+  ``>= needs[t]``; a smaller bucket ``b`` saves ``(bucket - b) * steps[t] *
+  row_seconds`` for every phase it would serve, and costs one more compiled
+  forward + backward pass, ``compile_seconds``. Starting from
+  ``row_buckets(k, smallest)``, the multiple of ``step`` with the largest
+  net saving is added while that saving is positive. A short run (few
+  steps per task) keeps the coarse buckets; a long one gets finer ones.
+  """
+  buckets = set(row_buckets(k, smallest))
+
+  def cost(bs):
+    return sum(min(b for b in bs if b >= min(n, k)) * s * row_seconds
+               for n, s in zip(needs, steps)) + len(bs) * compile_seconds
+
+  while True:
+    best, best_cost = None, cost(buckets)
+    for b in range(step, k, step):
+      if b not in buckets and cost(buckets | {b}) < best_cost:
+        best, best_cost = b, cost(buckets | {b})
+    if best is None:
+      return tuple(sorted(buckets))
+    buckets.add(best)
 
 
 def first_rows(n_needed, buckets: tuple[int, ...], fn: Callable, *args):
