@@ -115,14 +115,18 @@ def state_template(setup: Setup):
 def steps_per_task(config, bench: Benchmark) -> tuple[int, ...]:
   """Observe steps of each task's sequential pass (any seed)."""
   bsz, use = int(config.batch_size), float(config.use)
-  return tuple(math.ceil(len(_kept(t.x_train.shape[0], use, 0, i)) / bsz)
-               * int(config.n_epochs) for i, t in enumerate(bench.tasks))
+  return tuple(math.ceil(_keep_count(t.x_train.shape[0], use) / bsz)
+               * int(config.n_epochs) for t in bench.tasks)
+
+
+def _keep_count(n: int, use: float) -> int:
+  keep = int(n * use) if use <= 1 else int(use)
+  return max(1, min(keep, n))
 
 
 def _kept(n: int, use: float, seed: int, task: int) -> np.ndarray:
-  keep = int(n * use) if use <= 1 else int(use)
-  keep = max(1, min(keep, n))
-  return np.random.default_rng([seed, task]).permutation(n)[:keep]
+  return np.random.default_rng([seed, task]).permutation(n)[
+      :_keep_count(n, use)]
 
 
 def _batches(order: np.ndarray, batch_size: int):

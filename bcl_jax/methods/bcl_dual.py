@@ -186,20 +186,21 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     buckets = (outer_buckets if steps.has_batch_stats(state.variables)
                else (k_outer,))
 
-    def outer_loss(params, batch_stats, key):
+    def on_outer_draw(fn, params, batch_stats, key):
       gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
-      return steps.first_rows(n_outer, buckets, outer_on, params,
-                              batch_stats, gt, gs, gmask)
+      return steps.first_rows(n_outer, buckets, fn, params, batch_stats, gt,
+                              gs, gmask)
+
+    def outer_loss(params, batch_stats, key):
+      return on_outer_draw(outer_on, params, batch_stats, key)
 
     def outer_value_and_grad(params, batch_stats, key):
       # ``value_and_grad(outer_loss)`` with the gradient taken inside each
       # bucket's branch: differentiating through the switch instead makes
       # every branch return zeros for the other branches' residuals (each
       # activation of their passes), tens of MB written per step.
-      gt, gs, gmask = mem.draw(state.gen, key, t + 1, k_outer, n_outer)
-      return steps.first_rows(
-          n_outer, buckets, jax.value_and_grad(outer_on, 1, has_aux=True),
-          params, batch_stats, gt, gs, gmask)
+      return on_outer_draw(jax.value_and_grad(outer_on, 1, has_aux=True),
+                           params, batch_stats, key)
 
     def meta_iteration(variables, key):
       keys = jax.random.split(key, inner_steps + 1)

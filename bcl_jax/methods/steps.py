@@ -221,8 +221,10 @@ def plan_row_buckets(k: int, needs, steps, row_seconds: float,
   while True:
     best, best_cost = None, cost(buckets)
     for b in range(step, k, step):
-      if b not in buckets and cost(buckets | {b}) < best_cost:
-        best, best_cost = b, cost(buckets | {b})
+      if b not in buckets:
+        c = cost(buckets | {b})
+        if c < best_cost:
+          best, best_cost = b, c
     if best is None:
       return tuple(sorted(buckets))
     buckets.add(best)
