@@ -15,9 +15,13 @@ without bcl_jax::
 
     ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/{k}/state")
 
-Saves are synchronous and orbax writes each step into a temporary folder that
-is renamed into place once complete, so a crash during a save leaves the
-previous checkpoints as they were. Everything a resume reads is covered by
+Saves run in the background (orbax's asynchronous checkpointing) while the
+next task trains: :meth:`Manager.save` hands over device copies of the
+state and returns, and the next save, :meth:`Manager.wait` or
+:meth:`Manager.close` waits for it, so at most one save is in flight and a
+failed one is reported by its checkpoint's name. Orbax writes each step into
+a temporary folder that is renamed into place once complete, so a crash
+during a save leaves the previous checkpoints as they were. Everything a resume reads is covered by
 an integrity check: the digest (over the canonical JSON of meta without the
 digest, of the config, and so of the state's fingerprint) on every
 :func:`read_meta`, the fingerprint on every restore; a damaged or edited
@@ -185,31 +189,75 @@ def abstract_state(template):
 
 class Manager:
   """Saves and restores the checkpoints of one workdir (wraps orbax's
-  ``CheckpointManager``; ``keep`` > 0 keeps only the newest ``keep``)."""
+  ``CheckpointManager``; ``keep`` > 0 keeps only the newest ``keep``).
 
-  def __init__(self, workdir: str, keep: int = 0):
+  With ``background`` (the default) a save is written while the caller goes
+  on: :meth:`save` returns once the state is handed over, and the save is
+  complete when the next :meth:`save`, :meth:`wait` or :meth:`close`
+  returns. ``save_seconds`` counts the time the caller waited, per save.
+  """
+
+  def __init__(self, workdir: str, keep: int = 0, background: bool = True):
     import orbax.checkpoint as ocp
     self.workdir = workdir
     self.dir = directory(workdir)
+    self.background = bool(background)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep) if keep and int(keep) > 0 else None,
-        enable_async_checkpointing=False,   # complete before the next task
+        enable_async_checkpointing=self.background,
         cleanup_tmp_directories=True,       # leftovers of interrupted saves
         create=True)
     self._ocp = ocp
     self._mgr = ocp.CheckpointManager(
         self.dir, options=options, item_names=("state", "meta", "config"))
     self.save_seconds: list[float] = []
+    self._pending: int | None = None    # the task whose save is in flight
 
   def path(self, task: int) -> str:
     return os.path.join(self.dir, str(task))
 
+  def _failed(self, task: int, e: BaseException) -> CheckpointError:
+    prev = [s for s in available(self.workdir) if s < task]
+    return CheckpointError(
+        f"could not write checkpoint {self.path(task)} ({_short(e)}); "
+        + (f"the previous checkpoint {self.path(prev[-1])} is intact"
+           if prev else "no earlier checkpoint exists"))
+
+  def wait(self) -> None:
+    """Blocks until the save in flight, if any, is on disk.
+
+    Raises:
+      CheckpointError: that save failed (the message names it; the
+        checkpoints before it are intact).
+    """
+    if self._pending is None:
+      return
+    task, self._pending = self._pending, None
+    start = time.perf_counter()
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore raise many types
+      raise self._failed(task, e) from None
+    finally:
+      if self.save_seconds:
+        self.save_seconds[-1] += time.perf_counter() - start
+
   def save(self, task: int, state, *, meta: dict, config: dict) -> float:
     """Writes checkpoint ``task``: the state, ``meta`` (plus format, task,
-    fingerprint, versions) and ``config``; returns the seconds it took."""
+    fingerprint, versions) and ``config``; returns the seconds the caller
+    waited (in the background mode: for the previous save to finish and
+    for this one to be handed over).
+
+    The state may be donated to a computation as soon as this returns: the
+    background write reads copies.
+    """
     ocp = self._ocp
     start = time.perf_counter()
+    self.wait()
     tree = state_to_tree(state)
+    if self.background:
+      tree = jax.tree_util.tree_map(
+          lambda a: a.copy() if isinstance(a, jax.Array) else a, tree)
     meta = dict(meta)
     meta.update({
         "format": FORMAT_VERSION,
@@ -230,19 +278,26 @@ class Manager:
           state=ocp.args.StandardSave(tree),
           meta=ocp.args.JsonSave(meta),
           config=ocp.args.JsonSave(config)))
-      self._mgr.wait_until_finished()
-    except Exception as e:
-      prev = [s for s in available(self.workdir) if s < task]
-      raise CheckpointError(
-          f"could not write checkpoint {self.path(task)} ({_short(e)}); "
-          + (f"the previous checkpoint {self.path(prev[-1])} is intact"
-             if prev else "no earlier checkpoint exists")) from None
+      if not self.background:
+        self._mgr.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore raise many types
+      raise self._failed(task, e) from None
+    self._pending = task if self.background else None
     seconds = time.perf_counter() - start
     self.save_seconds.append(seconds)
     return seconds
 
-  def close(self):
-    self._mgr.close()
+  def close(self, quiet: bool = False):
+    """Waits for the save in flight, then releases orbax's manager.
+    ``quiet``: a failed save is not raised (an error is already on its
+    way; :func:`available` tells what was written)."""
+    try:
+      self.wait()
+    except CheckpointError:
+      if not quiet:
+        raise
+    finally:
+      self._mgr.close()
 
 
 def restore_state(workdir: str, task: int, template, meta: dict):

@@ -224,7 +224,8 @@ def _run(config, workdir: str, config_name: str, log, bench) -> dict:
       meta = resume_lib.task_meta(accuracy, init_accuracy, setup.runs,
                                   lca_curve, benchmark=bench.name)
       seconds = manager.save(task, state, meta=meta, config=config.to_dict())
-      log(f"checkpoint {manager.path(task)} saved in {seconds:.2f}s")
+      log(f"checkpoint {manager.path(task)} handed over in {seconds:.2f}s, "
+          "written in the background")
       guard.check_stop()   # a signal during evaluation or the save
 
   results_lib.atomic_write(f"{workdir}/config.json",
@@ -236,17 +237,21 @@ def _run(config, workdir: str, config_name: str, log, bench) -> dict:
     out = train.train_and_evaluate(config, bench, setup=setup, log=log,
                                    on_task_end=on_task_end, logger=logger,
                                    **resume_kw)
+    if manager is not None:
+      manager.wait()   # the last checkpoint on disk (or its error) first
   except train.TrainingError as e:
+    _settle(manager)
     raise train.TrainingError(f"{e}; {_last_checkpoint(workdir, use_ckpt)}") \
         from None
   except KeyboardInterrupt:
     guard.drain()   # nothing may still run when the caller exits
+    _settle(manager)
     log(f"interrupted; {_last_checkpoint(workdir, use_ckpt)}")
     raise
   finally:
     logger.close()
     if manager is not None:
-      manager.close()
+      manager.close(quiet=True)
   timing = dict(out["timing"])
   timing["total_seconds"] = time.perf_counter() - t0
   if manager is not None:
@@ -329,6 +334,16 @@ def _resume(setup, workdir, resume, template, log) -> dict:
   return {"state": state, "start_task": resume.task + 1,
           "accuracy": accuracy, "init_accuracy": init_accuracy,
           "lca_curve": lca_curve}
+
+
+def _settle(manager) -> None:
+  """Lets a checkpoint still being written finish (or fail) quietly, so
+  that :func:`_last_checkpoint` names what is on disk."""
+  if manager is not None:
+    try:
+      manager.wait()
+    except checkpoint.CheckpointError:
+      pass
 
 
 def _last_checkpoint(workdir: str, enabled: bool) -> str:

@@ -3,6 +3,7 @@ the evaluate CLI, and failures (corruption, NaN, Ctrl-C, a full disk)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,94 @@ def test_whole_state_save_restore_equality(tmp_path):
     assert got_acc.dtype == np.float32 and init is None
     np.testing.assert_array_equal(got_acc, acc[:, :t + 1])
     assert cfg["lr"] == config.lr and meta["runs"][1]["seed"] == 1
+
+
+def test_background_save_reads_copies_of_the_state(tmp_path):
+  """The loop donates the state to the next task right after ``save``
+  returns: overwriting every array of it then must not touch the
+  checkpoint."""
+  wd, config = str(tmp_path), tiny_config()
+  runs = [runs_lib.Run(seed=0, hp={"lr": 0.1}),
+          runs_lib.Run(seed=1, hp={"lr": .2})]
+  m = checkpoint.Manager(wd)
+  assert m.background
+  acc = np.zeros((2, 1, 3), np.float32)
+  state = toy_state(3)
+  m.save(0, state, meta=resume.task_meta(acc, None, runs),
+         config=config.to_dict())
+  overwrite = jax.jit(lambda a: a * 0 + 7, donate_argnums=0)
+  for leaf in jax.tree_util.tree_leaves(state):
+    overwrite(leaf)        # the buffer reused in place (or freed)
+  m.close()
+  meta, _ = checkpoint.read_meta(wd, 0)
+  got = checkpoint.restore_state(wd, 0, toy_state(99), meta)
+  for a, b in zip(jax.tree_util.tree_leaves(toy_state(3)),
+                  jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _FailingWrites:
+  """An orbax manager stand-in whose background writes fail from task
+  ``bad`` on (what a full disk does to the writer thread)."""
+
+  def __init__(self, inner, bad):
+    self.inner, self.bad, self.step = inner, bad, None
+
+  def save(self, step, **kw):
+    self.step = step
+    if step < self.bad:
+      return self.inner.save(step, **kw)
+    return True
+
+  def wait_until_finished(self):
+    self.inner.wait_until_finished()
+    if self.step is not None and self.step >= self.bad:
+      raise OSError(28, "No space left on device")
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+
+def test_failed_background_save_is_named_at_the_next_save(tmp_path):
+  wd, config = str(tmp_path), tiny_config()
+  runs = [runs_lib.Run(seed=0, hp={"lr": 0.1}),
+          runs_lib.Run(seed=1, hp={"lr": .2})]
+  m = checkpoint.Manager(wd)
+  m._mgr = _FailingWrites(m._mgr, bad=1)
+  acc = np.zeros((2, 3, 3), np.float32)
+  for t in range(2):    # save 1 "fails" in the background, unseen yet
+    m.save(t, toy_state(t), meta=resume.task_meta(acc[:, :t + 1], None, runs),
+           config=config.to_dict())
+  want = (rf"could not write checkpoint {re.escape(m.path(1))} \(.*No space "
+          rf"left.*\); the previous checkpoint {re.escape(m.path(0))} is "
+          "intact")
+  with pytest.raises(checkpoint.CheckpointError, match=want):
+    m.save(2, toy_state(2), meta=resume.task_meta(acc, None, runs),
+           config=config.to_dict())
+  assert checkpoint.available(wd) == [0]
+  m.close()    # nothing left in flight
+  meta, _ = checkpoint.read_meta(wd, 0)
+  checkpoint.restore_state(wd, 0, toy_state(99), meta)
+
+
+def test_a_run_reports_its_last_checkpoint_failing(tmp_path, monkeypatch):
+  """The last task's save fails after training: the run raises, naming it,
+  and writes no results."""
+  real = checkpoint.Manager.__init__
+
+  def failing(self, *a, **kw):
+    real(self, *a, **kw)
+    self._mgr = _FailingWrites(self._mgr, bad=toy_benchmark().n_tasks - 1)
+
+  monkeypatch.setattr(checkpoint.Manager, "__init__", failing)
+  wd = str(tmp_path / "w")
+  last = os.path.join(checkpoint.directory(wd), str(toy_benchmark().n_tasks - 1))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"could not write checkpoint {re.escape(last)}"):
+    experiment.run(tiny_config(), wd, log=lambda *a: None,
+                   bench=toy_benchmark())
+  assert checkpoint.available(wd) == list(range(toy_benchmark().n_tasks - 1))
+  assert not os.path.exists(os.path.join(wd, "results.json"))
 
 
 def test_training_checkpoints_hold_each_tasks_state(tmp_path):
