@@ -10,6 +10,7 @@ step.
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,9 +182,15 @@ def _projections_against_numpy(c, ctx, np_observe):
 
 @pytest.mark.parametrize("heads", ["task", "single"])
 @pytest.mark.parametrize("margin", [0.5, 0.0])
-def test_gem_matches_numpy(heads, margin):
+@pytest.mark.parametrize("factored", [True, False])
+def test_gem_matches_numpy(heads, margin, factored):
+  """Both GEM paths: the MLP's factored first-layer dot products
+  (``Model.first_dense``) and the general one every network can take."""
   c = make_config(method="gem", n_memories=6, memory_strength=margin)
   ctx = make_ctx(task_incremental=heads == "task")
+  assert ctx.model.first_dense is not None
+  if not factored:
+    ctx = dataclasses.replace(ctx, model=ctx.model._replace(first_dense=None))
   cfg = {"lr": c.lr, "ms": c.memory_strength, "drop_at_wrap": c.drop_at_wrap}
   projected = _projections_against_numpy(
       c, ctx, lambda P, mem, x, y, t, k: refg.gem_observe(

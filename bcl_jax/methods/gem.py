@@ -122,12 +122,30 @@ def ce_grad_of(model, params, batch_stats, x, y, cols, valid):
   return loss, g, bs
 
 
+def without(tree, path):
+  """``tree`` (nested dicts) without the leaf at ``path``."""
+  if len(path) == 1:
+    return {k: v for k, v in tree.items() if k != path[0]}
+  return {k: without(v, path[1:]) if k == path[0] else v
+          for k, v in tree.items()}
+
+
+def with_leaf(tree, path, leaf):
+  """``tree`` with ``leaf`` put at ``path`` (the inverse of ``without``)."""
+  out = dict(tree)
+  out[path[0]] = leaf if len(path) == 1 else with_leaf(tree[path[0]],
+                                                       path[1:], leaf)
+  return out
+
+
 def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
   n_mem = int(hp.n_memories)
   sizes = windows(ctx.n_tasks)
   k_max = max(sizes[-1], 1)  # the QP's size: every past task
+  if model.first_dense is not None:
+    return _make_factored(hp, ctx, sizes, k_max)
 
   def init(key):
     return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
@@ -188,6 +206,110 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
                         active, state.hp["memory_strength"])
     return projected_step(state, memory, params, unravel(x), bs_past, bs,
                           bs_cur, loss)
+
+  return api.Method(init, api.no_hook, observe, api.no_hook,
+                    *api.plain_eval(model))
+
+
+def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
+  """GEM on a network with a :class:`~bcl_jax.models.FirstDense` (the MLP).
+
+  The same method as :func:`make`'s, computed in another order. The
+  violation test needs only the dot products ``<g, g_k>``, and for the
+  first layer's kernel ``<X^T dZ, X_k^T dZ_k> = sum((X X_k^T) * (dZ dZ_k^T))``
+  with the batch's ``X`` a few rows: so the past-task pass forms every
+  gradient but that kernel's (784 x 100 of the MLP's 89,610 parameters per
+  past task on permuted MNIST: 40 of ~97 MFLOP of the pass), and the kernel
+  rows ``X_k^T dZ_k`` are formed only on the steps that violate a
+  constraint, for the Gram matrix and the projection. Dot products sum in
+  another order than ``rows @ g``: the results move by float rounding.
+  """
+  model = ctx.model
+  fd = model.first_dense
+  class_mask = jnp.asarray(ctx.class_mask)
+  n_mem = int(hp.n_memories)
+
+  def init(key):
+    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
+                 memory=mem.ring_for(ctx, n_mem))
+
+  def grads(params, x, y, cols, valid):
+    """``(loss, grads, dZ)``: ``dZ`` the gradient at the first layer's
+    output; XLA drops the kernel's gradient where it goes unused."""
+    def loss_fn(p, dz):
+      return losses.masked_ce(fd.apply({"params": p}, x, dz), y, cols, valid)
+    node = params
+    for k in fd.kernel:
+      node = node[k]
+    dz0 = jnp.zeros((x.shape[0], node.shape[-1]), jnp.float32)
+    loss, (g, dz) = jax.value_and_grad(loss_fn, (0, 1))(params, dz0)
+    return loss, g, dz
+
+  def observe(state, batch: api.Batch, key):
+    del key
+    t = batch.task
+    memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
+                            drop_at_wrap=hp.drop_at_wrap,
+                            fill_on_first_write=False)
+    params = state.variables["params"]
+    loss, g_tree, dz_b = grads(params, batch.x, batch.y, class_mask[t],
+                               batch.valid)
+    g, unravel = ravel_pytree(g_tree)
+    g_rest = ravel_pytree(without(g_tree, fd.kernel))[0]
+    x_b = fd.inputs(batch.x)
+    inputs = jax.vmap(fd.inputs)     # [k, n_mem, ...] -> [k, n_mem, D]
+    n_rest, n_dz = g_rest.shape[0], dz_b.shape[1]
+
+    def branch(w):
+      def run(_):
+        if w == 0:
+          return (jnp.zeros((k_max, n_rest)), jnp.zeros((k_max, n_mem, n_dz)),
+                  jnp.zeros((k_max,)), jnp.zeros((k_max,), bool))
+        def one(x, y, cols, filled):
+          _, gk, dz = grads(params, x, y, cols, filled)
+          return ravel_pytree(without(gk, fd.kernel))[0], dz
+        rests, dzs = jax.vmap(one)(memory.x[:w], memory.y[:w],
+                                   class_mask[:w], memory.filled[:w])
+        # <X_b^T dZ_b, X_k^T dZ_k> through the [B, n_mem] products.
+        gram_x = jnp.einsum("id,kad->kia", x_b, inputs(memory.x[:w]))
+        gram_z = jnp.einsum("ih,kah->kia", dz_b, dzs)
+        dots = jnp.sum(gram_x * gram_z, axis=(1, 2)) + rests @ g_rest
+        active = (jnp.arange(w) < t) & jnp.any(memory.filled[:w], axis=1)
+        pad = k_max - w
+        return (jnp.pad(rests, ((0, pad), (0, 0))),
+                jnp.pad(dzs, ((0, pad), (0, 0), (0, 0))),
+                jnp.pad(dots, (0, pad)), jnp.pad(active, (0, pad)))
+      return run
+
+    which = jnp.searchsorted(jnp.asarray(sizes), t, side="left")
+    rests, dzs, dots, active = jax.lax.switch(
+        which, [branch(w) for w in sizes], None)
+    violated = jnp.any(active & (dots < 0))
+
+    unravel_rest = ravel_pytree(without(g_tree, fd.kernel))[1]
+
+    def project(g, rests, dzs, dots, active, margin, x_mem):
+      # The full rows, in ravel_pytree's order: the kernel rows X_k^T dZ_k,
+      # for the window's tasks only (``which`` is the same for every run).
+      def kernels_of(w):
+        def f():
+          if w == 0:
+            return jnp.zeros((k_max, x_b.shape[1], n_dz), dzs.dtype)
+          k = jnp.einsum("kad,kah->kdh", inputs(x_mem[:w]), dzs[:w])
+          return jnp.pad(k, ((0, k_max - w), (0, 0), (0, 0)))
+        return f
+      kernels = jax.lax.switch(which, [kernels_of(w) for w in sizes])
+      rest_tree = jax.vmap(unravel_rest)(rests)
+      rows = jax.vmap(lambda r, k: ravel_pytree(
+          with_leaf(r, fd.kernel, k))[0])(rest_tree, kernels)
+      return qp.project_with(g, rows, rows @ rows.T, dots, active, margin)
+
+    x = steps.rare_cond(violated, project, lambda g, *_: g, g, rests, dzs,
+                        dots, active, state.hp["memory_strength"],
+                        memory.x)
+    variables = {"params": steps.sgd(params, unravel(x), state.hp["lr"]),
+                 "batch_stats": state.variables["batch_stats"]}
+    return state._replace(variables=variables, memory=memory), {"loss": loss}
 
   return api.Method(init, api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))

@@ -16,6 +16,8 @@ objects:
 * ``features(variables, x) -> [N, d]`` (optional, None if the network has
   none): the penultimate representation, the input of the last linear layer,
   in inference mode (iCaRL's herding and nearest-mean classifier use it).
+* ``first_dense`` (optional): :class:`FirstDense`, for networks whose first
+  layer is dense on the flattened input.
 """
 
 from __future__ import annotations
@@ -28,11 +30,33 @@ import jax.numpy as jnp
 Variables = Any
 
 
+class FirstDense(NamedTuple):
+  """A network whose first layer is dense on the flattened input (the MLP).
+
+  That layer's weight gradient on a batch is ``X^T dZ`` (``X`` the layer's
+  input, ``dZ`` the loss's gradient at its output), so inner products of
+  such gradients factor through ``X X'^T`` and ``dZ dZ'^T`` without forming
+  the ``[D, H]`` matrices: GEM's past-task dot products use this.
+
+  Attributes:
+    inputs: raw batch -> ``[N, D]``, what the layer multiplies.
+    kernel: the path of its ``[D, H]`` kernel in ``params``.
+    apply: ``(variables, x, dz) -> logits`` in training mode, with ``dz``
+      (``[N, H]``) added to the layer's output before its activation; its
+      gradient in ``dz`` at zero is ``dZ``.
+  """
+
+  inputs: Callable[[jax.Array], jax.Array]
+  kernel: tuple[str, ...]
+  apply: Callable[[Variables, jax.Array, jax.Array], jax.Array]
+
+
 class Model(NamedTuple):
   init: Callable[[jax.Array], Variables]
   apply: Callable[[Variables, jax.Array, bool], tuple[jax.Array, Variables]]
   name: str = "model"
   features: Callable[[Variables, jax.Array], jax.Array] | None = None
+  first_dense: FirstDense | None = None
 
 
 def to_float(x: jax.Array) -> jax.Array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bcl_jax.models import Model, from_flax
+from bcl_jax.models import FirstDense, Model, from_flax, to_float
 
 
 class MLP(nn.Module):
@@ -21,11 +21,16 @@ class MLP(nn.Module):
   return_features: bool = False  # the last hidden layer instead of logits
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, dz=None):
+    """``dz`` (``[N, hidden[0]]``, optional) is added to the first layer's
+    output before its ReLU (see :class:`~bcl_jax.models.FirstDense`)."""
     x = x.reshape((x.shape[0], -1))
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.xavier_uniform(),
-                           bias_init=nn.initializers.zeros)(x))
+    for i, width in enumerate(self.hidden):
+      x = nn.Dense(width, kernel_init=nn.initializers.xavier_uniform(),
+                   bias_init=nn.initializers.zeros)(x)
+      if i == 0 and dz is not None:
+        x = x + dz
+      x = nn.relu(x)
     if self.return_features:
       return x
     return nn.Dense(self.n_outputs,
@@ -35,5 +40,18 @@ class MLP(nn.Module):
 
 def make_mlp(input_shape, n_outputs: int, hidden=(128, 128, 128)) -> Model:
   module = MLP(hidden=tuple(int(h) for h in hidden), n_outputs=int(n_outputs))
-  return from_flax(module, tuple(input_shape), name="mlp",
-                   features_module=module.clone(return_features=True))
+  model = from_flax(module, tuple(input_shape), name="mlp",
+                    features_module=module.clone(return_features=True))
+  if not module.hidden:
+    return model
+
+  def inputs(x):
+    x = to_float(x)
+    return x.reshape((x.shape[0], -1))
+
+  def apply_dz(variables, x, dz):
+    return module.apply({"params": variables["params"]}, inputs(x),
+                        train=True, dz=dz)
+
+  return model._replace(first_dense=FirstDense(
+      inputs=inputs, kernel=("Dense_0", "kernel"), apply=apply_dz))
