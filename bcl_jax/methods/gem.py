@@ -138,18 +138,28 @@ def with_leaf(tree, path, leaf):
   return out
 
 
+def _write_batch(memory, batch: api.Batch, hp):
+  """The batch into its task's ring buffer, before the step (the pointer
+  is not reset at a task switch, as the reference's ``mem_cnt`` is not)."""
+  return mem.ring_write(memory, batch.task, batch.x, batch.y, batch.valid,
+                        drop_at_wrap=hp.drop_at_wrap,
+                        fill_on_first_write=False)
+
+
+def _init(hp, ctx):
+  def init(key):
+    return State(variables=ctx.model.init(key), hp=api.init_hp(SPEC, hp),
+                 memory=mem.ring_for(ctx, int(hp.n_memories)))
+  return init
+
+
 def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
-  n_mem = int(hp.n_memories)
   sizes = windows(ctx.n_tasks)
   k_max = max(sizes[-1], 1)  # the QP's size: every past task
   if model.first_dense is not None:
     return _make_factored(hp, ctx, sizes, k_max)
-
-  def init(key):
-    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
-                 memory=mem.ring_for(ctx, n_mem))
 
   def ce_grad(*args):
     return ce_grad_of(model, *args)
@@ -172,9 +182,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   def observe(state, batch: api.Batch, key):
     del key
     t = batch.task
-    memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
-                            drop_at_wrap=hp.drop_at_wrap,
-                            fill_on_first_write=False)
+    memory = _write_batch(state.memory, batch, hp)
     params, bs = state.variables["params"], state.variables["batch_stats"]
     loss, g_tree, bs_cur = ce_grad(params, bs, batch.x, batch.y,
                                    class_mask[t], batch.valid)
@@ -207,7 +215,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     return projected_step(state, memory, params, unravel(x), bs_past, bs,
                           bs_cur, loss)
 
-  return api.Method(init, api.no_hook, observe, api.no_hook,
+  return api.Method(_init(hp, ctx), api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))
 
 
@@ -229,10 +237,6 @@ def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
   class_mask = jnp.asarray(ctx.class_mask)
   n_mem = int(hp.n_memories)
 
-  def init(key):
-    return State(variables=model.init(key), hp=api.init_hp(SPEC, hp),
-                 memory=mem.ring_for(ctx, n_mem))
-
   def grads(params, x, y, cols, valid):
     """``(loss, grads, dZ)``: ``dZ`` the gradient at the first layer's
     output; XLA drops the kernel's gradient where it goes unused."""
@@ -248,9 +252,7 @@ def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
   def observe(state, batch: api.Batch, key):
     del key
     t = batch.task
-    memory = mem.ring_write(state.memory, t, batch.x, batch.y, batch.valid,
-                            drop_at_wrap=hp.drop_at_wrap,
-                            fill_on_first_write=False)
+    memory = _write_batch(state.memory, batch, hp)
     params = state.variables["params"]
     loss, g_tree, dz_b = grads(params, batch.x, batch.y, class_mask[t],
                                batch.valid)
@@ -311,7 +313,7 @@ def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
                  "batch_stats": state.variables["batch_stats"]}
     return state._replace(variables=variables, memory=memory), {"loss": loss}
 
-  return api.Method(init, api.no_hook, observe, api.no_hook,
+  return api.Method(_init(hp, ctx), api.no_hook, observe, api.no_hook,
                     *api.plain_eval(model))
 
 
