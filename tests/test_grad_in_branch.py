@@ -7,6 +7,8 @@ branch not taken wrote zeros for every residual of the other).
   (padding masked) and the gradient taken through the switch.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,24 +94,47 @@ def test_row_buckets():
 
 
 
-def test_plan_row_buckets_adds_buckets_that_pay_for_themselves():
+def test_plan_row_buckets_minimises_the_modelled_time():
   # Split CIFAR's outer draw: 13 more real rows per task, at most 128.
   needs = [min(13 * (t + 1), 128) for t in range(17)]
-  # Short run: the saving never reaches one compile -> the powers of two.
+  # 50 steps: a row in one phase costs 50 x 0.6 ms = 0.03 s, a bucket 5 s.
+  # {65, 128}: (5 x 65 + 12 x 128) x 0.03 + 10 = 65.83 s; {128}: 2176 x
+  # 0.03 + 5 = 70.28; {52, 128}: 1872 x 0.03 + 10 = 66.16; {78, 128}:
+  # 1876 x 0.03 + 10 = 66.28; the best three, {39, 91, 128}: 1761 x 0.03
+  # + 15 = 67.83.
   assert steps.plan_row_buckets(128, needs, [50] * 17, 0.6e-3, 5.0) == (
-      64, 128)
-  # Long run: 80 first (tasks 4 and 5: 48 rows x 500 steps x 0.6 ms =
-  # 14.4 s saved for 5 s; 96 would save 32 x 750 x 0.6 ms = 14.4 s too,
-  # and 80 wins the tie by coming first), then 32 (tasks 0-1: 32 x 500 x
-  # 0.6 ms = 9.6 s); then 96 (task 6 alone: 16 x 250 x 0.6 ms = 2.4 s) and
-  # 16 (task 0: 16 x 250 x 0.6 ms = 2.4 s) do not pay.
+      65, 128)
+  # 2 steps: rows are cheap, one compile is not -> one bucket.
+  assert steps.plan_row_buckets(128, needs, [2] * 17, 0.6e-3, 5.0) == (128,)
+  # 250 steps (0.15 s a row-phase): every other need.
   assert steps.plan_row_buckets(128, needs, [250] * 17, 0.6e-3, 5.0) == (
-      32, 64, 80, 128)
-  # Free compilation: every multiple of 16 some phase can use.
+      26, 52, 78, 104, 128)
+  # Free compilation: every distinct need.
   assert steps.plan_row_buckets(128, needs, [250] * 17, 0.6e-3, 0.0) == (
-      16, 32, 48, 64, 80, 96, 112, 128)
-  # A draw that never exceeds its smallest bucket gets nothing new.
+      13, 26, 39, 52, 65, 78, 91, 104, 117, 128)
+  # One need: one bucket, whatever it costs.
   assert steps.plan_row_buckets(40, [40] * 5, [1000] * 5, 1.0, 0.0) == (40,)
+
+
+def test_plan_row_buckets_is_the_brute_force_optimum():
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    k = int(rng.integers(8, 60))
+    n = int(rng.integers(1, 9))
+    needs = [int(v) for v in rng.integers(1, k + 1, n)]
+    needs[-1] = k
+    st = [int(v) for v in rng.integers(1, 300, n)]
+    row_s, comp_s = float(rng.uniform(1e-4, 1e-2)), float(rng.uniform(0, 3))
+
+    def cost(bs):
+      return sum(min(b for b in bs if b >= m) * s * row_s
+                 for m, s in zip(needs, st)) + len(bs) * comp_s
+
+    cands = sorted(set(needs))
+    best = min(cost(set(sub) | {k}) for r in range(len(cands) + 1)
+               for sub in itertools.combinations(cands, r))
+    got = steps.plan_row_buckets(k, needs, st, row_s, comp_s)
+    assert k in got and np.isclose(cost(set(got)), best)
 
 
 def test_bcl_dual_plans_its_outer_buckets_from_the_run_length():
@@ -121,9 +146,9 @@ def test_bcl_dual_plans_its_outer_buckets_from_the_run_length():
   model = build_model("mlp", (3072,), 85, hidden=(4,))
   ctx = lambda n: api.Context(model, mask, (3072,), np.uint8,  # noqa: E731
                               steps_per_task=(n,) * 17)
-  assert bcl_dual.plan_outer_buckets(ctx(50), 128, 13, 128) == (64, 128)
+  assert bcl_dual.plan_outer_buckets(ctx(50), 128, 13, 128) == (65, 128)
   assert bcl_dual.plan_outer_buckets(ctx(250), 128, 13, 128) == (
-      32, 64, 80, 128)
+      26, 52, 78, 104, 128)
   # Unknown lengths: the powers of two.
   assert bcl_dual.plan_outer_buckets(api.Context(model, mask, (3072,),
                                                  np.uint8), 128, 13,

@@ -101,12 +101,13 @@ def plan_outer_buckets(ctx: api.Context, k_outer: int, n_val: int,
   """Row buckets of the outer draw (image networks).
 
   On CPU, with the steps per task known, :func:`steps.plan_row_buckets`
-  adds buckets between the powers of two where the rows they save over the
-  run outweigh their compile time: split CIFAR at ``use=500`` (50 steps per
-  task) keeps 64 and 128; at its full size (250 steps) it also compiles 32
-  and 80 (measured, same process, interleaved: 15-24 ms less per step on
-  tasks 0, 1 and 4-6; +4.9 s of compilation per bucket). Elsewhere (GPUs,
-  unknown lengths) the powers of two from 64.
+  picks the buckets (each some task's real row count) that minimise the
+  modelled rows plus compile time: split CIFAR at ``use=500`` (50 steps per
+  task) gets 65 and 128 (task 4's 65 rows no longer pad to 128: measured,
+  same process, interleaved, 212.9 -> 161.9 ms per step there; tasks 0-3
+  up to 6 ms slower at 65 rows than at 64), at its full size (250 steps)
+  26, 52, 78, 104 and 128. Elsewhere (GPUs, unknown lengths) the powers of
+  two from 64.
   """
   if not ctx.steps_per_task or jax.default_backend() != "cpu":
     return steps.row_buckets(k_outer)

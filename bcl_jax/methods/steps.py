@@ -188,8 +188,8 @@ def row_buckets(k: int, smallest: int = 64) -> tuple[int, ...]:
   Each bucket is one more compiled copy of the network's forward and
   backward pass (~5 s of compilation for the reduced ResNet-18 on 2 CPU
   cores), so the default keeps them few: 64 and 128 for split CIFAR's
-  outer draw of 128; :func:`plan_row_buckets` adds more where a long run
-  pays for them.
+  outer draw of 128; :func:`plan_row_buckets` chooses them from the run's
+  length where that is known.
   """
   sizes, b = [], smallest
   while b < k:
@@ -199,35 +199,43 @@ def row_buckets(k: int, smallest: int = 64) -> tuple[int, ...]:
 
 
 def plan_row_buckets(k: int, needs, steps, row_seconds: float,
-                     compile_seconds: float, step: int = 16,
-                     smallest: int = 64) -> tuple[int, ...]:
-  """:func:`row_buckets` plus the extra buckets that pay for themselves.
+                     compile_seconds: float) -> tuple[int, ...]:
+  """The row buckets that minimise the run's modelled time.
 
   A draw of ``k`` rows has ``needs[t]`` real rows in phase ``t``, which
-  runs ``steps[t]`` observe steps. Phase ``t`` computes the smallest bucket
-  ``>= needs[t]``; a smaller bucket ``b`` saves ``(bucket - b) * steps[t] *
-  row_seconds`` for every phase it would serve, and costs one more compiled
-  forward + backward pass, ``compile_seconds``. Starting from
-  ``row_buckets(k, smallest)``, the multiple of ``step`` with the largest
-  net saving is added while that saving is positive. A short run (few
-  steps per task) keeps the coarse buckets; a long one gets finer ones.
+  runs ``steps[t]`` observe steps; phase ``t`` computes the smallest bucket
+  ``>= needs[t]``. The modelled time of a set of buckets is
+  ``sum_t steps[t] * bucket(t) * row_seconds`` plus ``compile_seconds``
+  per bucket (one more compiled forward + backward pass each). Every
+  optimal set is made of need values (a bucket between two needs computes
+  rows no phase uses), so a dynamic programme over the sorted distinct
+  needs finds the optimum exactly: ``cost[j]``, the cheapest way to serve
+  the ``j`` smallest needs with ``needs_j`` the largest bucket, is
+  ``min_i cost[i] + needs_j * (steps of needs i+1..j) * row_seconds +
+  compile_seconds``. A short run gets few buckets; a long one more, each
+  exactly the real rows of some phase.
   """
-  buckets = set(row_buckets(k, smallest))
-
-  def cost(bs):
-    return sum(min(b for b in bs if b >= min(n, k)) * s * row_seconds
-               for n, s in zip(needs, steps)) + len(bs) * compile_seconds
-
-  while True:
-    best, best_cost = None, cost(buckets)
-    for b in range(step, k, step):
-      if b not in buckets:
-        c = cost(buckets | {b})
-        if c < best_cost:
-          best, best_cost = b, c
-    if best is None:
-      return tuple(sorted(buckets))
-    buckets.add(best)
+  need_steps: dict[int, int] = {}
+  for n, st in zip(needs, steps):
+    n = min(max(int(n), 1), k)
+    need_steps[n] = need_steps.get(n, 0) + int(st)
+  if not need_steps:
+    return (k,)
+  sizes = sorted(need_steps)
+  cum = np.concatenate([[0], np.cumsum([need_steps[n] for n in sizes])])
+  cost = [0.0] + [np.inf] * len(sizes)
+  prev = [0] * (len(sizes) + 1)
+  for j in range(1, len(sizes) + 1):
+    for i in range(j):
+      c = (cost[i] + sizes[j - 1] * (cum[j] - cum[i]) * row_seconds
+           + compile_seconds)
+      if c < cost[j]:
+        cost[j], prev[j] = c, i
+  chosen, j = [], len(sizes)
+  while j > 0:
+    chosen.append(sizes[j - 1])
+    j = prev[j]
+  return tuple(sorted(chosen))
 
 
 def first_rows(n_needed, buckets: tuple[int, ...], fn: Callable, *args):
