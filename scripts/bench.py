@@ -146,8 +146,8 @@ def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
   step at task ``t``, or None for a method this table does not model.
 
   Computed: the shapes the program runs. On a BatchNorm network the outer
-  draw is computed in power-of-two buckets (``buckets``, see
-  :func:`outer_rows`), and where runs are not vmapped (``skip_replay``: the
+  draw is computed in row buckets (``buckets``, see :func:`outer_rows`),
+  and where runs are not vmapped (``skip_replay``: the
   ``lax.cond`` is a real branch) the replay pass before task 1 is skipped
   (:func:`replay_rows`). Useful: rows that are real samples.
   """
@@ -180,13 +180,15 @@ def replay_rows(k: int, t: int, skip: bool = False) -> int:
   return 0 if (skip and t == 0) else k
 
 
-def outer_rows(n: int, k: int, buckets: bool = False) -> int:
-  """bcl_dual's outer rows: the smallest bucket of ``steps.row_buckets(k)``
-  holding ``n`` real rows where buckets apply, else ``k``."""
+def outer_rows(n: int, k: int, buckets=False) -> int:
+  """bcl_dual's outer rows: the smallest bucket holding ``n`` real rows
+  where buckets apply (``buckets``: the sizes, or True for
+  ``steps.row_buckets(k)``), else ``k``."""
   from bcl_jax.methods import steps
-  if not buckets:
+  if buckets is False or buckets is None:
     return k
-  return next(b for b in steps.row_buckets(k) if b >= n)
+  sizes = steps.row_buckets(k) if buckets is True else tuple(buckets)
+  return next(b for b in sorted(sizes) if b >= n)
 
 
 # -- timing -----------------------------------------------------------------
@@ -257,7 +259,15 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   bn = steps.has_batch_stats(state.variables)
   one_program = ((n_runs == 1 and setup.axis.squeeze_single)
                  or setup.axis.batching == "map")
-  skips = {"skip_replay": bn and one_program, "buckets": bn}
+  buckets = False
+  if bn and c.method == "bcl_dual":
+    # The buckets the program was built with (planned from the run's length).
+    from bcl_jax.methods import bcl_dual
+    n_mem, n_val = bcl_dual.memory_sizes(hp)
+    rbs = int(hp.replay_batch_size)
+    buckets = bcl_dual.plan_outer_buckets(
+        setup.ctx, min(n_tasks * n_val, rbs), n_val, rbs)
+  skips = {"skip_replay": bn and one_program, "buckets": buckets}
   full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
   out = {"flops": flops, "phases": {}, "full_rows": full and full[0],
          "rows_of": lambda t: (step_rows(c.method, hp, int(c.batch_size), t,
