@@ -257,7 +257,7 @@ def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
     loss, g_tree, dz_b = grads(params, batch.x, batch.y, class_mask[t],
                                batch.valid)
     g, unravel = ravel_pytree(g_tree)
-    g_rest = ravel_pytree(without(g_tree, fd.kernel))[0]
+    g_rest, unravel_rest = ravel_pytree(without(g_tree, fd.kernel))
     x_b = fd.inputs(batch.x)
     inputs = jax.vmap(fd.inputs)     # [k, n_mem, ...] -> [k, n_mem, D]
     n_rest, n_dz = g_rest.shape[0], dz_b.shape[1]
@@ -287,8 +287,6 @@ def _make_factored(hp, ctx, sizes, k_max) -> api.Method:
     rests, dzs, dots, active = jax.lax.switch(
         which, [branch(w) for w in sizes], None)
     violated = jnp.any(active & (dots < 0))
-
-    unravel_rest = ravel_pytree(without(g_tree, fd.kernel))[1]
 
     def project(g, rests, dzs, dots, active, margin, x_mem):
       # The full rows, in ravel_pytree's order: the kernel rows X_k^T dZ_k,
