@@ -16,8 +16,8 @@ without bcl_jax::
     ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/{k}/state")
 
 Saves run in the background (orbax's asynchronous checkpointing) while the
-next task trains: :meth:`Manager.save` hands over device copies of the
-state and returns, and the next save, :meth:`Manager.wait` or
+next task trains: :meth:`Manager.save` returns once orbax holds host copies
+of the state, and the next save, :meth:`Manager.wait` or
 :meth:`Manager.close` waits for it, so at most one save is in flight and a
 failed one is reported by its checkpoint's name. Orbax writes each step into
 a temporary folder that is renamed into place once complete, so a crash
@@ -223,8 +223,11 @@ class Manager:
         + (f"the previous checkpoint {self.path(prev[-1])} is intact"
            if prev else "no earlier checkpoint exists"))
 
-  def wait(self) -> None:
+  def wait(self, quiet: bool = False) -> None:
     """Blocks until the save in flight, if any, is on disk.
+
+    ``quiet``: a failed save is not raised (an error is already on its
+    way; :func:`available` tells what was written).
 
     Raises:
       CheckpointError: that save failed (the message names it; the
@@ -237,7 +240,8 @@ class Manager:
     try:
       self._mgr.wait_until_finished()
     except Exception as e:  # orbax and tensorstore raise many types
-      raise self._failed(task, e) from None
+      if not quiet:
+        raise self._failed(task, e) from None
     finally:
       if self.save_seconds:
         self.save_seconds[-1] += time.perf_counter() - start
@@ -248,16 +252,14 @@ class Manager:
     waited (in the background mode: for the previous save to finish and
     for this one to be handed over).
 
-    The state may be donated to a computation as soon as this returns: the
-    background write reads copies.
+    The state may be donated to a computation as soon as this returns:
+    orbax copies the arrays to host memory before its ``save`` returns
+    (tests/test_checkpoint.py overwrites them in place right after).
     """
     ocp = self._ocp
     start = time.perf_counter()
     self.wait()
     tree = state_to_tree(state)
-    if self.background:
-      tree = jax.tree_util.tree_map(
-          lambda a: a.copy() if isinstance(a, jax.Array) else a, tree)
     meta = dict(meta)
     meta.update({
         "format": FORMAT_VERSION,
@@ -288,14 +290,10 @@ class Manager:
     return seconds
 
   def close(self, quiet: bool = False):
-    """Waits for the save in flight, then releases orbax's manager.
-    ``quiet``: a failed save is not raised (an error is already on its
-    way; :func:`available` tells what was written)."""
+    """Waits for the save in flight (``quiet`` as in :meth:`wait`), then
+    releases orbax's manager."""
     try:
-      self.wait()
-    except CheckpointError:
-      if not quiet:
-        raise
+      self.wait(quiet)
     finally:
       self._mgr.close()
 

@@ -340,10 +340,7 @@ def _settle(manager) -> None:
   """Lets a checkpoint still being written finish (or fail) quietly, so
   that :func:`_last_checkpoint` names what is on disk."""
   if manager is not None:
-    try:
-      manager.wait()
-    except checkpoint.CheckpointError:
-      pass
+    manager.wait(quiet=True)
 
 
 def _last_checkpoint(workdir: str, enabled: bool) -> str:
