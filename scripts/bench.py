@@ -263,10 +263,8 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   if bn and c.method == "bcl_dual":
     # The buckets the program was built with (planned from the run's length).
     from bcl_jax.methods import bcl_dual
-    n_mem, n_val = bcl_dual.memory_sizes(hp)
-    rbs = int(hp.replay_batch_size)
     buckets = bcl_dual.plan_outer_buckets(
-        setup.ctx, min(n_tasks * n_val, rbs), n_val, rbs)
+        setup.ctx, bcl_dual.memory_sizes(hp)[1], int(hp.replay_batch_size))
   skips = {"skip_replay": bn and one_program, "buckets": buckets}
   full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
   out = {"flops": flops, "phases": {}, "full_rows": full and full[0],

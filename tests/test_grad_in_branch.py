@@ -146,10 +146,10 @@ def test_bcl_dual_plans_its_outer_buckets_from_the_run_length():
   model = build_model("mlp", (3072,), 85, hidden=(4,))
   ctx = lambda n: api.Context(model, mask, (3072,), np.uint8,  # noqa: E731
                               steps_per_task=(n,) * 17)
-  assert bcl_dual.plan_outer_buckets(ctx(50), 128, 13, 128) == (65, 128)
-  assert bcl_dual.plan_outer_buckets(ctx(250), 128, 13, 128) == (
+  assert bcl_dual.plan_outer_buckets(ctx(50), 13, 128) == (65, 128)
+  assert bcl_dual.plan_outer_buckets(ctx(250), 13, 128) == (
       26, 52, 78, 104, 128)
   # Unknown lengths: the powers of two.
   assert bcl_dual.plan_outer_buckets(api.Context(model, mask, (3072,),
-                                                 np.uint8), 128, 13,
+                                                 np.uint8), 13,
                                      128) == (64, 128)

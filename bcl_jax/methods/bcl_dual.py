@@ -96,9 +96,11 @@ BUCKET_ROW_SECONDS = 0.6e-3
 BUCKET_COMPILE_SECONDS = 5.0
 
 
-def plan_outer_buckets(ctx: api.Context, k_outer: int, n_val: int,
+def plan_outer_buckets(ctx: api.Context, n_val: int,
                        rbs: int) -> tuple[int, ...]:
-  """Row buckets of the outer draw (image networks).
+  """Row buckets of the outer draw (image networks) of ``min(n_tasks *
+  n_val, rbs)`` rows, of which task ``t`` uses ``min((t + 1) * n_val,
+  rbs)``.
 
   On CPU, with the steps per task known, :func:`steps.plan_row_buckets`
   picks the buckets (each some task's real row count) that minimise the
@@ -109,6 +111,7 @@ def plan_outer_buckets(ctx: api.Context, k_outer: int, n_val: int,
   26, 52, 78, 104 and 128. Elsewhere (GPUs, unknown lengths) the powers of
   two from 64.
   """
+  k_outer = min(ctx.n_tasks * n_val, rbs)
   if not ctx.steps_per_task or jax.default_backend() != "cpu":
     return steps.row_buckets(k_outer)
   needs = [min((t + 1) * n_val, rbs) for t in range(len(ctx.steps_per_task))]
@@ -130,7 +133,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
   unrolled = hp.meta_gradient == "unrolled"
   inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
-  outer_buckets = plan_outer_buckets(ctx, k_outer, n_val, rbs)
+  outer_buckets = plan_outer_buckets(ctx, n_val, rbs)
 
   def init(key):
     return State(
