@@ -125,43 +125,101 @@ class BatchNorm(nn.Module):
                                  lambda: jnp.zeros((c,), jnp.float32))
     running_var = self.variable("batch_stats", "var",
                                 lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      if mask is None:
-        n = math.prod(x.shape[:-1])
-        mean = jnp.mean(x, axis=axes)
-        var = jnp.mean(jnp.square(x - mean), axis=axes)
-        if n < 2 and not self.is_initializing():
-          # PyTorch refuses too: the unbiased variance of one value is 0/0.
-          raise ValueError(
-              f"BatchNorm in training mode needs more than one value per "
-              f"channel, got input shape {x.shape}")
-        correction, any_real = n / max(n - 1, 1), True
-      else:
-        real = mask.reshape((-1,) + (1,) * (x.ndim - 1))
-        n = jnp.sum(mask).astype(x.dtype) * math.prod(x.shape[1:-1])
-        # max(n, 1): an all-padding batch gives mean = var = 0, not NaN.
-        mean = jnp.sum(jnp.where(real, x, 0.0), axis=axes) / jnp.maximum(n, 1.)
-        var = jnp.sum(jnp.where(real, jnp.square(x - mean), 0.0),
-                      axis=axes) / jnp.maximum(n, 1.0)
-        correction, any_real = n / jnp.maximum(n - 1.0, 1.0), n > 0
-      if not self.is_initializing():
-        m = self.momentum
-        batch_mean = jax.lax.stop_gradient(mean)
-        batch_var = jax.lax.stop_gradient(var * correction)
-        new_mean = (1.0 - m) * running_mean.value + m * batch_mean
-        new_var = (1.0 - m) * running_var.value + m * batch_var
-        running_mean.value = jnp.where(any_real, new_mean, running_mean.value)
-        running_var.value = jnp.where(any_real, new_var, running_var.value)
-    else:
+    if not train:
       mean, var = running_mean.value, running_var.value
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    if train and mask is not None:
-      # Padding rows leave as zeros: normalised with the real rows' statistics
-      # they could grow without bound (a near-zero variance scales by
-      # 1/sqrt(eps) per layer) until inf * 0 poisons the sums and gradients.
-      y = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), y, 0.0)
+      return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if mask is None:
+      n = math.prod(x.shape[:-1])
+      if n < 2 and not self.is_initializing():
+        # PyTorch refuses too: the unbiased variance of one value is 0/0.
+        raise ValueError(
+            f"BatchNorm in training mode needs more than one value per "
+            f"channel, got input shape {x.shape}")
+      real, count = None, jnp.float32(n)
+      correction, any_real = n / max(n - 1, 1), True
+    else:
+      real = mask.reshape((-1,) + (1,) * (x.ndim - 1))
+      n = jnp.sum(mask).astype(x.dtype) * math.prod(x.shape[1:-1])
+      # max(n, 1): an all-padding batch gives mean = var = 0, not NaN.
+      count = jnp.maximum(n, 1.0)
+      correction, any_real = n / jnp.maximum(n - 1.0, 1.0), n > 0
+    y, mean, var = batch_norm_train(x, scale, bias, real, count, self.epsilon)
+    if not self.is_initializing():
+      m = self.momentum
+      batch_mean = jax.lax.stop_gradient(mean)
+      batch_var = jax.lax.stop_gradient(var * correction)
+      new_mean = (1.0 - m) * running_mean.value + m * batch_mean
+      new_var = (1.0 - m) * running_var.value + m * batch_var
+      running_mean.value = jnp.where(any_real, new_mean, running_mean.value)
+      running_var.value = jnp.where(any_real, new_var, running_var.value)
     return y
+
+
+def _batch_stats(x, real, count):
+  """Mean and biased variance over all axes but the last, of the real rows
+  (``real`` broadcastable to ``x``; None: all), ``count`` values each."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.sum(x if real is None else jnp.where(real, x, 0.0), axis=axes)
+  mean = mean / count
+  sq = jnp.square(x - mean)
+  var = jnp.sum(sq if real is None else jnp.where(real, sq, 0.0), axis=axes)
+  return mean, var / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_train(x, scale, bias, real, count, epsilon):
+  """BatchNorm's training-mode transform: ``(y, mean, var)``.
+
+  ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with the batch mean and
+  biased variance of the real rows (``real``: a bool array broadcastable to
+  ``x``, or None for all rows; ``count``: the number of values per channel
+  they hold); padding rows of ``y`` are zeros.
+
+  The gradient is written out (the textbook BatchNorm backward: two channel
+  sums of the cotangent, then one elementwise pass), instead of autodiff's
+  through the mean and the variance, which on XLA:CPU reads and writes the
+  activations several more times: forward + backward of the reduced
+  ResNet-18 on 128 split-CIFAR rows 86 -> 74 ms (2-core AVX-512 CPU). The
+  same maths; the float summation order differs. Cotangents of ``mean`` and
+  ``var`` are honoured (the running statistics take them under
+  ``stop_gradient``, so they are zero in training).
+  """
+  return _bn_fwd(x, scale, bias, real, count, epsilon)[0]
+
+
+def _bn_fwd(x, scale, bias, real, count, epsilon):
+  mean, var = _batch_stats(x, real, count)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * inv * scale + bias
+  if real is not None:
+    # Padding rows leave as zeros: normalised with the real rows' statistics
+    # they could grow without bound (a near-zero variance scales by
+    # 1/sqrt(eps) per layer) until inf * 0 poisons the sums and gradients.
+    y = jnp.where(real, y, 0.0)
+  return (y, mean, var), (x, mean, inv, scale, real, count)
+
+
+def _bn_bwd(epsilon, res, cts):
+  del epsilon
+  x, mean, inv, scale, real, count = res
+  dy, dmean, dvar = cts
+  axes = tuple(range(x.ndim - 1))
+  xc = x - mean
+  xhat = xc * inv
+  if real is not None:
+    dy = jnp.where(real, dy, 0.0)
+  dbias = jnp.sum(dy, axis=axes)
+  dscale = jnp.sum(dy * xhat, axis=axes)
+  # d/dx of the normalisation through the batch mean and variance, plus the
+  # direct paths of the mean and variance outputs.
+  dx = (inv * scale) * (dy - dbias / count - xhat * (dscale / count))
+  dx = dx + dmean / count + (2.0 / count) * dvar * xc
+  if real is not None:
+    dx = jnp.where(real, dx, 0.0)
+  return dx, dscale, dbias, None, jnp.zeros_like(count)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
