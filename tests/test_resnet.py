@@ -142,15 +142,22 @@ def test_images_to_nhwc_channel_order():
 @pytest.mark.parametrize("kernel,stride,padding,side", [
     (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (1, 2, 0, 8), (1, 2, 0, 7),
     (7, 2, 3, 12), (7, 2, 3, 11)])
-@pytest.mark.parametrize("impl", ["conv2d_xla", "conv2d_im2col"])
+@pytest.mark.parametrize("impl,dk_blocks", [
+    ("conv2d_xla", "off"), ("conv2d_xla", "one"), ("conv2d_xla", "scan"),
+    ("conv2d_im2col", "")])
 def test_conv2d_gradients_match_jax_rules(kernel, stride, padding, side,
-                                          impl):
+                                          impl, dk_blocks, monkeypatch):
   """Both implementations (the canonical-layout VJP, im2col + matmul) equal
   XLA's convolution with JAX's own transpose rules, to first and second
-  order."""
+  order. The XLA path's kernel gradient three ways (on CPU): one XLA
+  convolution ("off"), one block of patches ("one"), and a scan over two
+  blocks of two images plus a remainder image ("scan")."""
   conv = getattr(resnet, impl)
+  out_side = (side + 2 * padding - kernel) // stride + 1
+  rows = {"off": 0, "one": 4096, "scan": 2 * out_side ** 2, "": 4096}[dk_blocks]
+  monkeypatch.setattr(resnet, "DK_BLOCK_ROWS", rows)
   rng = np.random.default_rng(kernel * 100 + side)
-  x = jnp.asarray(rng.normal(size=(3, side, side, 4)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(5, side, side, 4)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)), jnp.float32)
   ours, vjp = jax.vjp(lambda x, k: conv(x, k, stride, padding), x, k)
   ref, ref_vjp = jax.vjp(lambda x, k: jax.lax.conv_general_dilated(
