@@ -289,13 +289,11 @@ def _xla_wins_on_cpu(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
           and cin >= 8 and n * h * w >= XLA_CONV_MIN_PIXELS)
 
 
-def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int,
-                  padding: int) -> jax.Array:
-  """:func:`conv2d` as shifted strided slices concatenated on the channel
-  axis (``[N, Ho, Wo, kh*kw*I]``, HWIO order) times the ``[kh*kw*I, O]``
-  kernel. Its autodiff gradient is pads, slices and two matmuls."""
-  kh, kw, cin, cout = kernel.shape
-  n, h, w, _ = x.shape
+def _patches(x: jax.Array, kh: int, kw: int, stride: int,
+             padding: int) -> jax.Array:
+  """im2col of NHWC ``x``: ``[N, Ho, Wo, kh * kw * I]``, HWIO order: the
+  shifted strided slices of the padded input concatenated on channels."""
+  h, w = x.shape[1:3]
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   ho = (h + 2 * padding - kh) // stride + 1
@@ -303,9 +301,18 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int,
   cols = [x[:, i:i + stride * (ho - 1) + 1:stride,
             j:j + stride * (wo - 1) + 1:stride, :]
           for i in range(kh) for j in range(kw)]
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin),
-                kernel.reshape(kh * kw * cin, cout))
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int,
+                  padding: int) -> jax.Array:
+  """:func:`conv2d` as im2col patches (:func:`_patches`) times the
+  ``[kh*kw*I, O]`` kernel. Its autodiff gradient is pads, slices and two
+  matmuls."""
+  kh, kw, cin, cout = kernel.shape
+  patches = _patches(x, kh, kw, stride, padding)
+  n, ho, wo, k = patches.shape
+  out = jnp.dot(patches.reshape(n * ho * wo, k), kernel.reshape(k, cout))
   return out.reshape(n, ho, wo, cout)
 
 
@@ -359,20 +366,6 @@ def _conv2d_bwd(stride, padding, residuals, dy):
 DK_BLOCK_ROWS = int(os.environ.get("BCL_JAX_DK_BLOCK_ROWS", "4096"))
 
 
-def _patches(x, kh, kw, stride, padding):
-  """im2col of NHWC ``x``: ``[N * Ho * Wo, kh * kw * I]`` in HWIO order."""
-  n, h, w, c = x.shape
-  if padding:
-    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  ho = (h + 2 * padding - kh) // stride + 1
-  wo = (w + 2 * padding - kw) // stride + 1
-  cols = [x[:, i:i + stride * (ho - 1) + 1:stride,
-            j:j + stride * (wo - 1) + 1:stride, :]
-          for i in range(kh) for j in range(kw)]
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  return patches.reshape(n * ho * wo, kh * kw * c)
-
-
 def _kernel_grad_blocked(x, dy, kh, kw, stride, padding):
   """The kernel gradient ``sum_b patches(x_b)^T dy_b`` over blocks of images.
 
@@ -388,14 +381,14 @@ def _kernel_grad_blocked(x, dy, kh, kw, stride, padding):
   c = x.shape[-1]
   per = max(1, DK_BLOCK_ROWS // (ho * wo))
   if per >= n:
-    return (_patches(x, kh, kw, stride, padding).T
+    return (_patches(x, kh, kw, stride, padding).reshape(-1, kh * kw * c).T
             @ dy.reshape(-1, o)).reshape(kh, kw, c, o)
   nb, rest = divmod(n, per)
 
   def block(acc, xd):
     xb, db = xd
-    return acc + _patches(xb, kh, kw, stride, padding).T @ db.reshape(-1, o), \
-        None
+    p = _patches(xb, kh, kw, stride, padding).reshape(-1, kh * kw * c)
+    return acc + p.T @ db.reshape(-1, o), None
 
   xs = x[:nb * per].reshape((nb, per) + x.shape[1:])
   ds = dy[:nb * per].reshape((nb, per) + dy.shape[1:])
