@@ -379,22 +379,21 @@ def _kernel_grad_blocked(x, dy, kh, kw, stride, padding):
   """
   n, ho, wo, o = dy.shape
   c = x.shape[-1]
+
+  def block(xb, db):
+    p = _patches(xb, kh, kw, stride, padding).reshape(-1, kh * kw * c)
+    return p.T @ db.reshape(-1, o)
+
   per = max(1, DK_BLOCK_ROWS // (ho * wo))
   if per >= n:
-    return (_patches(x, kh, kw, stride, padding).reshape(-1, kh * kw * c).T
-            @ dy.reshape(-1, o)).reshape(kh, kw, c, o)
+    return block(x, dy).reshape(kh, kw, c, o)
   nb, rest = divmod(n, per)
-
-  def block(acc, xd):
-    xb, db = xd
-    p = _patches(xb, kh, kw, stride, padding).reshape(-1, kh * kw * c)
-    return acc + p.T @ db.reshape(-1, o), None
-
   xs = x[:nb * per].reshape((nb, per) + x.shape[1:])
   ds = dy[:nb * per].reshape((nb, per) + dy.shape[1:])
-  dk, _ = jax.lax.scan(block, jnp.zeros((kh * kw * c, o), dy.dtype), (xs, ds))
+  dk, _ = jax.lax.scan(lambda acc, xd: (acc + block(*xd), None),
+                       jnp.zeros((kh * kw * c, o), dy.dtype), (xs, ds))
   if rest:
-    dk, _ = block(dk, (x[nb * per:], dy[nb * per:]))
+    dk = dk + block(x[nb * per:], dy[nb * per:])
   return dk.reshape(kh, kw, c, o)
 
 
@@ -480,23 +479,33 @@ def _pool_fwd(x, window, stride, padding):
     first = jnp.where(taps[k] == y, float(k), first)
   # XLA:CPU would still fuse this chain into the backward's consumers and
   # re-derive it there (from the padded input, at each of up to four taps
-  # per input position); a product with the identity (exact: small
-  # integers) makes it one stored array: split CIFAR's stem, forward +
-  # backward at 128 rows, 12.2 -> 10.8 ms, same process interleaved.
-  c = y.shape[-1]
-  first = (first.reshape(-1, c) @ jnp.eye(c, dtype=first.dtype)).reshape(
-      y.shape).astype(jnp.int8)
-  return y, (first, x.shape)
+  # per input position); stored (exact: small integers), split CIFAR's stem,
+  # forward + backward at 128 rows, 12.2 -> 10.8 ms, same process
+  # interleaved.
+  return y, (_stored(first).astype(jnp.int8), x.shape)
+
+
+def _stored(a: jax.Array) -> jax.Array:
+  """``a`` unchanged, as one array XLA:CPU computes once.
+
+  XLA:CPU fuses an elementwise producer into each of its consumers and
+  recomputes it there (``optimization_barrier`` does not stop that). A
+  product with the identity over the last axis is a matmul, which is never
+  fused into a consumer, so ``a`` is stored once; it is exact for finite
+  values (each output is one value times 1 plus zeros) and costs ~0.1 ms
+  for split CIFAR's largest activations.
+  """
+  c = a.shape[-1]
+  return (a.reshape(-1, c) @ jnp.eye(c, dtype=a.dtype)).reshape(a.shape)
 
 
 def _pool_bwd(window, stride, padding, res, dy):
   first, (n, h, w, c) = res
   # dy is read by every tap; XLA:CPU would fuse its producer (the next
   # conv's input gradient, a sum of nine shifted slices) into each of them
-  # and compute it nine times (optimization_barrier does not stop that). A
-  # product with the identity (exact for finite values, ~0.1 ms) makes it one
-  # array first: split-CIFAR step 202 -> 194 ms, same process, interleaved.
-  dy = (dy.reshape(-1, c) @ jnp.eye(c, dtype=dy.dtype)).reshape(dy.shape)
+  # and compute it nine times; stored once: split-CIFAR step 202 -> 194 ms,
+  # same process, interleaved.
+  dy = _stored(dy)
   hp, wp = h + 2 * padding, w + 2 * padding
   ho, wo = dy.shape[1:3]
   taps = [jnp.where(first == k, dy, 0.0) for k in range(window * window)]
