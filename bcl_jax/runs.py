@@ -10,8 +10,10 @@ executables.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -20,6 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 BATCHING = ("auto", "vmap", "map")
+
+# The thread-local JAX settings a trace depends on (None where this jax
+# lacks the hook: nothing is then compiled in the background).
+try:
+  from jax._src.config import trace_context as _trace_context
+except ImportError:  # pragma: no cover (a jax without it)
+  _trace_context = None
 
 
 @dataclasses.dataclass
@@ -187,20 +196,75 @@ class RunAxis:
       return mapped
     return jax.vmap(f, in_axes=in_axes)
 
+  @staticmethod
+  def _key(name: str, args) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return (name, treedef, tuple(
+        (tuple(getattr(a, "shape", np.shape(a))),
+         str(getattr(a, "dtype", type(a))), bool(getattr(a, "weak_type", False)))
+        for a in leaves))
+
+  def _jit(self, fn: Callable, donate):
+    kw = {}
+    if self.run_sharding is not None:
+      # Every output (states, losses, accuracies) has the run axis first;
+      # pinning it keeps the state's layout the same from call to call.
+      kw["out_shardings"] = self.run_sharding
+    return jax.jit(fn, donate_argnums=donate, **kw)
+
+  def compile_ahead(self, name: str, fn: Callable, *args, donate=()) -> bool:
+    """Starts :meth:`compile` of ``fn`` for ``args`` (arrays or
+    ``jax.ShapeDtypeStruct``) in a background thread and returns at once.
+
+    A later :meth:`compile` with the same name, shapes, dtypes and weak
+    types waits for it (and re-raises its error); other shapes compile as
+    usual. XLA compiles without holding the GIL, so the caller's own
+    tracing and compiling runs meanwhile (on a cold split-CIFAR start the
+    initial state, the evaluation and the first task hook, ~6 s). One
+    device only (the sharded programs compile on demand). Returns whether
+    a compilation was started.
+    """
+    if self.n_shards != 1 or _trace_context is None:
+      return False
+    key = self._key(name, args)
+    if key in self._compiled:
+      return False
+    future = concurrent.futures.Future()
+    # Thread-local JAX settings (``jax.enable_x64``, matmul precision) of
+    # the caller do not reach another thread; a compilation made under
+    # other settings is not used (compile() then compiles here).
+    context = _trace_context()
+
+    def work():
+      try:
+        if _trace_context() != context:
+          future.set_result(None)
+          return
+        future.set_result(self._jit(fn, donate).lower(*args).compile())
+      except BaseException as e:  # surfaces in compile(), in the caller
+        future.set_exception(e)
+
+    self._compiled[key] = future
+    threading.Thread(target=work, name=f"bcl-jax-compile-{name}",
+                     daemon=True).start()
+    return True
+
   def compile(self, name: str, fn: Callable, *args, donate=()):
     """``jit(fn)`` lowered and compiled once per ``name`` and argument
-    shapes; compile time is added to :attr:`compile_seconds`."""
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    key = (name, treedef, tuple((np.shape(a), str(getattr(a, "dtype", type(a))))
-                                for a in leaves))
-    if key not in self._compiled:
+    shapes; the wall time spent compiling (or waiting for a
+    :meth:`compile_ahead`) is added to :attr:`compile_seconds`."""
+    key = self._key(name, args)
+    entry = self._compiled.get(key)
+    if entry is None or isinstance(entry, concurrent.futures.Future):
       start = time.perf_counter()
-      kw = {}
-      if self.run_sharding is not None:
-        # Every output (states, losses, accuracies) has the run axis first;
-        # pinning it keeps the state's layout the same from call to call.
-        kw["out_shardings"] = self.run_sharding
-      self._compiled[key] = jax.jit(fn, donate_argnums=donate, **kw).lower(
-          *args).compile()
+      if entry is None:
+        self._compiled[key] = self._jit(fn, donate).lower(*args).compile()
+      else:
+        try:
+          self._compiled[key] = (entry.result() or self._jit(
+              fn, donate).lower(*args).compile())
+        except BaseException:
+          del self._compiled[key]
+          raise
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 
 import jax
@@ -361,26 +362,69 @@ class PhaseResult:
   curve: np.ndarray | None = None  # [runs, lca_batches + 1] (NaN: none)
 
 
-def _train_phase(setup: Setup, state, ph: Phase, data, tests, *,
-                 desc: str, progress: bool, logger=None, step0: int = 0):
-  """The chunks of one phase; returns ``(state, PhaseResult)``."""
-  axis, runs = setup.axis, setup.runs
+def _phase_steps(setup: Setup, ph: Phase):
+  """``(index, valid, pos, n_steps)``: the phase's batches of every run
+  (``[runs, steps, batch]``) padded to whole chunks, each step's position
+  and the number of real steps."""
   chunk = int(setup.config.chunk_size)
-  beta = lca_batches(setup)
   index = np.stack([o[0] for o in ph.order])
   valid = np.stack([o[1] for o in ph.order])
   # Every run sees the same number of batches (only their order differs),
   # which the chunk step relies on to skip padding for all runs at once.
   assert (valid == valid[:1]).all()
   n_steps = index.shape[1]
-  n_chunks = math.ceil(n_steps / chunk)
-  pad = n_chunks * chunk - n_steps
+  pad = math.ceil(n_steps / chunk) * chunk - n_steps
   index = np.pad(index, ((0, 0), (0, pad), (0, 0)))
   valid = np.pad(valid, ((0, 0), (0, pad), (0, 0)))
-  pos = np.arange(n_chunks * chunk, dtype=np.int32)
+  return index, valid, np.arange(n_steps + pad, dtype=np.int32), n_steps
+
+
+# Compile the first phase's chunk step in a background thread while the
+# initial state, the evaluation and the task hooks trace and compile
+# (RunAxis.compile_ahead). Split CIFAR, cold: the first task starts ~5 s
+# sooner. Env BCL_JAX_COMPILE_AHEAD=0 turns it off.
+COMPILE_AHEAD = os.environ.get("BCL_JAX_COMPILE_AHEAD", "1") != "0"
+
+
+def compile_chunk_ahead(setup: Setup, ph: Phase, state, tests) -> bool:
+  """Starts compiling phase ``ph``'s chunk step in a background thread
+  (:meth:`RunAxis.compile_ahead`; ``state`` may be shapes only:
+  :func:`state_template`); returns whether it started."""
+  if not COMPILE_AHEAD or ph.data is None or not ph.order or not len(
+      ph.order[0][0]):
+    return False
+  chunk = int(setup.config.chunk_size)
+  index, valid, _, _ = _phase_steps(setup, ph)
+  n_runs = len(setup.runs)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0),
+                                                 chunk))
+
+  def spec(a):
+    return jax.ShapeDtypeStruct(
+        np.shape(a), jax.dtypes.canonicalize_dtype(a.dtype),
+        weak_type=bool(getattr(a, "weak_type", False)))
+
+  args = jax.tree_util.tree_map(spec, (
+      state, ph.data, index[:, :chunk], valid[:, :chunk]))
+  args += (jax.ShapeDtypeStruct((n_runs,) + keys.shape, keys.dtype),
+           jax.ShapeDtypeStruct((), jnp.int32),
+           jax.ShapeDtypeStruct((chunk,), jnp.int32),
+           jax.tree_util.tree_map(spec, tests))
+  return setup.axis.compile_ahead(
+      "chunk", lambda *a: _chunk_fn(setup, *a), *args, donate=(0,))
+
+
+def _train_phase(setup: Setup, state, ph: Phase, data, tests, *,
+                 desc: str, progress: bool, logger=None, step0: int = 0):
+  """The chunks of one phase; returns ``(state, PhaseResult)``."""
+  axis, runs = setup.axis, setup.runs
+  chunk = int(setup.config.chunk_size)
+  beta = lca_batches(setup)
+  index, valid, pos, n_steps = _phase_steps(setup, ph)
+  n_chunks = len(pos) // chunk
   keys = jnp.stack([
       jax.random.split(jax.random.fold_in(jax.random.fold_in(
-          jax.random.PRNGKey(r.seed), 1), ph.row), n_steps + pad)
+          jax.random.PRNGKey(r.seed), 1), ph.row), len(pos))
       for r in runs])
   curve = np.full((len(runs), beta + 1), np.nan)
   out = PhaseResult(steps=n_steps, samples=int(valid.sum()))
@@ -455,8 +499,12 @@ def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
   setup = setup or build(config, bench)
   config, axis = setup.config, setup.axis
   n_runs, n_tasks = len(axis), bench.n_tasks
-  state = init_state(setup) if state is None else axis.place_runs(state)
   evaluate = Evaluator(setup.method, bench, axis, int(config.eval_batch_size))
+  first = phase(setup, start_task) if start_task < n_tasks else None
+  if first is not None:
+    compile_chunk_ahead(setup, first, state_template(setup) if state is None
+                        else state, evaluate.tests)
+  state = init_state(setup) if state is None else axis.place_runs(state)
   init_acc = None if init_accuracy is None else np.asarray(init_accuracy)
   if config.eval_init and start_task == 0:
     init_acc = evaluate(state, -1)
@@ -471,7 +519,7 @@ def train_and_evaluate(config, bench: Benchmark, *, setup: Setup | None = None,
   per_task, train_seconds, total_steps, total_samples = [], 0.0, 0, 0
   for t in range(start_task, n_tasks):
     t_start = time.perf_counter()
-    ph = phase(setup, t)
+    ph = first if t == start_task else phase(setup, t)
     res = PhaseResult()
     if ph.data is not None:
       data = axis.place_shared(ph.data)

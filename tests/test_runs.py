@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -164,3 +165,65 @@ def test_grid_tool_one_program_per_shape(tmp_path, capsys):
   assert grid.main(["--config", os.path.join(ROOT, "configs/mnist.py"),
                     "--grid", "lrr=1,2"]) == 2
   assert "unknown config field 'lrr'" in capsys.readouterr().err
+
+
+# -- compiling ahead ---------------------------------------------------------
+
+def test_compile_ahead_is_waited_for_and_used():
+  axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
+  traced = []
+
+  def double(x):
+    traced.append(x.shape)
+    return 2 * x
+
+  spec = jax.ShapeDtypeStruct((3,), np.float32)
+  assert axis.compile_ahead("f", double, spec)
+  assert not axis.compile_ahead("f", double, spec)   # already under way
+  fn = axis.compile("f", double, jax.numpy.ones(3))
+  np.testing.assert_array_equal(fn(jax.numpy.arange(3.0)), [0.0, 2.0, 4.0])
+  assert traced == [(3,)]                             # traced once, ahead
+  assert axis.compile("f", double, jax.numpy.zeros(3)) is fn
+  assert axis.compile_seconds > 0
+  # Other shapes (or a weak type) are another program, compiled on demand.
+  axis.compile("f", double, jax.numpy.ones(4))
+  axis.compile("f", double, jax.numpy.asarray([1.0, 2.0, 3.0]) * 1.0)
+  assert traced == [(3,), (4,)]
+
+
+def test_compile_ahead_error_surfaces_in_compile_and_is_not_cached():
+  axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
+
+  def broken(x):
+    raise ValueError("shape trouble in the method")
+
+  assert axis.compile_ahead("g", broken, jax.ShapeDtypeStruct((2,), np.int32))
+  with pytest.raises(ValueError, match="shape trouble in the method"):
+    axis.compile("g", broken, jax.numpy.zeros(2, jax.numpy.int32))
+  fn = axis.compile("g", lambda x: x + 1, jax.numpy.zeros(2, jax.numpy.int32))
+  np.testing.assert_array_equal(fn(jax.numpy.zeros(2, jax.numpy.int32)), [1, 1])
+
+
+def test_compile_ahead_ignores_a_compile_under_other_thread_settings():
+  """Thread-local JAX settings (here matmul precision) do not reach the
+  background thread, so its executable is not used."""
+  axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
+  traced = []
+
+  def f(x):
+    traced.append(threading.current_thread() is threading.main_thread())
+    return x @ x
+
+  spec = jax.ShapeDtypeStruct((4, 4), np.float32)
+  with jax.default_matmul_precision("highest"):
+    assert axis.compile_ahead("h", f, spec)
+    fn = axis.compile("h", f, jax.numpy.eye(4))
+  np.testing.assert_array_equal(fn(jax.numpy.eye(4)), np.eye(4))
+  assert traced == [True]  # only the caller's own compile was used
+
+
+def test_compile_ahead_off_when_sharded():
+  axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
+  axis.n_shards = 2
+  assert not axis.compile_ahead("f", lambda x: x,
+                                jax.ShapeDtypeStruct((2,), np.float32))

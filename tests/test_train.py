@@ -178,3 +178,34 @@ def test_cheaply_compiled_initial_state_is_bit_identical(model, shape):
   # Two seeds, so the comparison covers more than one key.
   kernel = jax.tree_util.tree_leaves(state.variables["params"])[-1]
   assert not np.array_equal(kernel[0], kernel[1])
+
+
+@pytest.mark.parametrize("method", ["bcl_dual", "icarl"])
+def test_chunk_compiled_ahead_is_used_and_changes_nothing(method, monkeypatch):
+  """The first task's chunk step compiles in a background thread from the
+  state's shapes alone; the loop must then use that executable (one chunk
+  trace, one chunk program) and produce the same numbers as without it."""
+  bench = toy_benchmark()
+  started = []
+  compile_ahead = train.RunAxis.compile_ahead
+
+  def spy(self, name, *a, **k):
+    started.append((name, compile_ahead(self, name, *a, **k)))
+    return started[-1][1]
+
+  monkeypatch.setattr(train.RunAxis, "compile_ahead", spy)
+  before = train.TRACE_COUNTS["chunk"]
+  out = train.train_and_evaluate(tiny_config(method=method), bench,
+                                 log=lambda *_: None)
+  assert started == [("chunk", True)]
+  assert train.TRACE_COUNTS["chunk"] - before == 1
+  programs = [k[0] for k in out["setup"].axis._compiled]
+  assert programs.count("chunk") == 1
+  monkeypatch.setattr(train, "COMPILE_AHEAD", False)
+  plain = train.train_and_evaluate(tiny_config(method=method), bench,
+                                   log=lambda *_: None)
+  assert len(started) == 1
+  np.testing.assert_array_equal(out["accuracy"], plain["accuracy"])
+  for a, b in zip(jax.tree_util.tree_leaves(out["state"]),
+                  jax.tree_util.tree_leaves(plain["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
