@@ -171,9 +171,22 @@ def _remove_if_empty(workdir: str) -> None:
     pass  # another process wrote into it meanwhile: leave it
 
 
+def _then_prefetch_plotting(on_task_end):
+  """``on_task_end`` that also starts :func:`results.prefetch_plotting`
+  after the first task it sees."""
+  started = []
+
+  def hook(task, *args):
+    if not started:
+      started.append(task)
+      results_lib.prefetch_plotting()
+    if on_task_end is not None:
+      on_task_end(task, *args)
+
+  return hook
+
+
 def _run(config, workdir: str, config_name: str, log, bench) -> dict:
-  if config.heatmap:
-    results_lib.prefetch_plotting()
   limit = float(config.get("memory_limit_gb", 0) or 0)
   use_ckpt = bool(config.checkpoint)
   resume = resume_lib.plan_resume(workdir, config) if use_ckpt else None
@@ -233,6 +246,10 @@ def _run(config, workdir: str, config_name: str, log, bench) -> dict:
                                       sort_keys=True, default=str))
   logger = logs.MetricLogger(workdir, enabled=bool(config.logs),
                              wandb=bool(config.wandb))
+  if config.heatmap:
+    # After the first task, when the loop waits on compiled code; at the
+    # start the import would take the interpreter from the tracing.
+    on_task_end = _then_prefetch_plotting(on_task_end)
   try:
     out = train.train_and_evaluate(config, bench, setup=setup, log=log,
                                    on_task_end=on_task_end, logger=logger,
