@@ -212,6 +212,9 @@ class RunAxis:
       kw["out_shardings"] = self.run_sharding
     return jax.jit(fn, donate_argnums=donate, **kw)
 
+  def _build(self, fn: Callable, args, donate):
+    return self._jit(fn, donate).lower(*args).compile()
+
   def compile_ahead(self, name: str, fn: Callable, *args, donate=()) -> bool:
     """Starts :meth:`compile` of ``fn`` for ``args`` (arrays or
     ``jax.ShapeDtypeStruct``) in a background thread and returns at once.
@@ -240,7 +243,7 @@ class RunAxis:
         if _trace_context() != context:
           future.set_result(None)
           return
-        future.set_result(self._jit(fn, donate).lower(*args).compile())
+        future.set_result(self._build(fn, args, donate))
       except BaseException as e:  # surfaces in compile(), in the caller
         future.set_exception(e)
 
@@ -257,14 +260,12 @@ class RunAxis:
     entry = self._compiled.get(key)
     if entry is None or isinstance(entry, concurrent.futures.Future):
       start = time.perf_counter()
-      if entry is None:
-        self._compiled[key] = self._jit(fn, donate).lower(*args).compile()
-      else:
-        try:
-          self._compiled[key] = (entry.result() or self._jit(
-              fn, donate).lower(*args).compile())
-        except BaseException:
-          del self._compiled[key]
-          raise
+      try:
+        # None: compiled under other thread-local settings (compile_ahead).
+        done = entry.result() if entry is not None else None
+        self._compiled[key] = done or self._build(fn, args, donate)
+      except BaseException:
+        self._compiled.pop(key, None)
+        raise
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]

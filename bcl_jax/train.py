@@ -60,6 +60,9 @@ class Setup:
   ctx: api.Context
   method: api.Method
   axis: RunAxis
+  # state_template's shapes (immutable), filled on first use.
+  template: object = dataclasses.field(default=None, repr=False,
+                                       compare=False)
 
   @property
   def runs(self) -> list[Run]:
@@ -107,8 +110,13 @@ def _init_state(setup: Setup, cheap_compile: bool):
 
 
 def state_template(setup: Setup):
-  """The initial state's shapes and dtypes (restore target), no compute."""
-  return jax.eval_shape(lambda: _init_state(setup, cheap_compile=False))
+  """The initial state's shapes and dtypes (restore target), no compute;
+  traced once per setup (the experiment's memory check and the loop's
+  background compile both ask, on the start-up's critical path)."""
+  if setup.template is None:
+    setup.template = jax.eval_shape(
+        lambda: _init_state(setup, cheap_compile=False))
+  return setup.template
 
 
 # -- data order ------------------------------------------------------------
@@ -307,13 +315,16 @@ def lca_batches(setup: Setup) -> int:
 
 
 def chunk_executable(setup: Setup, state, data, index, valid, keys, pos,
-                     tests):
+                     tests, *, ahead: bool = False):
   """The compiled chunk step for these shapes (compiled on first use;
   ``state`` is donated): ``f(state, data, index, valid, keys, task, pos,
-  tests)``."""
-  return setup.axis.compile(
+  tests)``. ``ahead``: start compiling it in a background thread instead
+  (:meth:`RunAxis.compile_ahead`; the arguments may be
+  ``jax.ShapeDtypeStruct``); returns whether that started."""
+  compile_ = setup.axis.compile_ahead if ahead else setup.axis.compile
+  return compile_(
       "chunk", lambda *a: _chunk_fn(setup, *a), state, data, index, valid,
-      keys, jnp.zeros((), jnp.int32), pos, tests, donate=(0,))
+      keys, jax.ShapeDtypeStruct((), jnp.int32), pos, tests, donate=(0,))
 
 
 def run_chunk(setup: Setup, state, data, index, valid, keys, task: int,
@@ -406,14 +417,12 @@ def compile_chunk_ahead(setup: Setup, ph: Phase, state, tests) -> bool:
         np.shape(a), jax.dtypes.canonicalize_dtype(a.dtype),
         weak_type=bool(getattr(a, "weak_type", False)))
 
-  args = jax.tree_util.tree_map(spec, (
-      state, ph.data, index[:, :chunk], valid[:, :chunk]))
-  args += (jax.ShapeDtypeStruct((n_runs,) + keys.shape, keys.dtype),
-           jax.ShapeDtypeStruct((), jnp.int32),
-           jax.ShapeDtypeStruct((chunk,), jnp.int32),
-           jax.tree_util.tree_map(spec, tests))
-  return setup.axis.compile_ahead(
-      "chunk", lambda *a: _chunk_fn(setup, *a), *args, donate=(0,))
+  state, data, index, valid, tests = jax.tree_util.tree_map(spec, (
+      state, ph.data, index[:, :chunk], valid[:, :chunk], tests))
+  return chunk_executable(
+      setup, state, data, index, valid,
+      jax.ShapeDtypeStruct((n_runs,) + keys.shape, keys.dtype),
+      jax.ShapeDtypeStruct((chunk,), jnp.int32), tests, ahead=True)
 
 
 def _train_phase(setup: Setup, state, ph: Phase, data, tests, *,
