@@ -263,7 +263,8 @@ class RunAxis:
       try:
         # None: compiled under other thread-local settings (compile_ahead).
         done = entry.result() if entry is not None else None
-        self._compiled[key] = done or self._build(fn, args, donate)
+        self._compiled[key] = (done if done is not None
+                               else self._build(fn, args, donate))
       except BaseException:
         self._compiled.pop(key, None)
         raise
