@@ -208,15 +208,15 @@ def main() -> None:
                      f"known: {sorted(known)}")
   if args.use < 1:
     raise SystemExit(f"--use must be >= 1, got {args.use}")
-  if cifar:
-    data = os.path.join(args.ref_dir, "data", "cifar-cl.pt")
-    if not os.path.exists(data):
-      print(f"writing {data}", file=sys.stderr)
+  if args.rounds < 1:
+    raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+  data = os.path.join(args.ref_dir, "data",
+                      "cifar-cl.pt" if cifar else "mnist_permutations.pt")
+  if not os.path.exists(data):
+    print(f"writing {data}", file=sys.stderr)
+    if cifar:
       export_cifar(args.ref_python, args.ref_dir)
-  else:
-    data = os.path.join(args.ref_dir, "data", "mnist_permutations.pt")
-    if not os.path.exists(data):
-      print(f"writing {data}", file=sys.stderr)
+    else:
       export_benchmark(args.ref_python, data)
   with open(os.path.join(args.ref_dir, "cpu_shim.py"), "w") as f:
     f.write(SHIM)
