@@ -43,7 +43,7 @@ NOT_SETTING = frozenset({
     "resume_from", "force_resume", "wandb", "logs", "lca_batches", "method",
     # A run's resolved fields already hold what its presets gave it.
     "presets", "download", "data_url", "data_sha256", "data_md5",
-    "compile_cache", "memory_limit_gb",
+    "compile_cache", "compile_preset", "memory_limit_gb",
 })
 
 

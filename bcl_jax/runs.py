@@ -118,7 +118,7 @@ class RunAxis:
   """
 
   def __init__(self, runs: Sequence[Run], batching: str = "auto",
-               cpu_batching: str = "map"):
+               cpu_batching: str = "map", compiler_options=None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     if batching not in BATCHING:
       raise ValueError(f"run_batching must be 'auto', 'vmap' or 'map', got "
@@ -146,6 +146,8 @@ class RunAxis:
       batching = cpu_batching if on_cpu else "vmap"
       self.squeeze_single = not (on_cpu and cpu_batching == "vmap")
     self.batching = batching
+    # XLA options of every program compiled here (``train.compiler_options``).
+    self.compiler_options = dict(compiler_options or {})
     self._compiled: dict[str, Any] = {}
     self.compile_seconds = 0.0
 
@@ -213,7 +215,10 @@ class RunAxis:
     return jax.jit(fn, donate_argnums=donate, **kw)
 
   def _build(self, fn: Callable, args, donate):
-    return self._jit(fn, donate).lower(*args).compile()
+    lowered = self._jit(fn, donate).lower(*args)
+    if self.compiler_options:
+      return lowered.compile(compiler_options=self.compiler_options)
+    return lowered.compile()
 
   def compile_ahead(self, name: str, fn: Callable, *args, donate=()) -> bool:
     """Starts :meth:`compile` of ``fn`` for ``args`` (arrays or

@@ -81,8 +81,44 @@ def build(config, bench: Benchmark) -> Setup:
                     input_dtype=bench.tasks[0].x_train.dtype,
                     steps_per_task=steps_per_task(config, bench))
   axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching,
-                 spec.cpu_batching)
+                 spec.cpu_batching,
+                 compiler_options(config.get("compile_preset", "auto"), model))
   return Setup(config, bench, spec, ctx, spec.make(hp, ctx), axis)
+
+
+COMPILE_PRESETS = {
+    "default": "CPU_OPT_PRESET_DEFAULT",
+    "fast_compile": "CPU_OPT_PRESET_FAST_COMPILE",
+    "fast_runtime": "CPU_OPT_PRESET_FAST_RUNTIME",
+}
+
+
+def compiler_options(preset: str, model) -> dict:
+  """XLA options of the run's programs (chunks, hooks, evaluation) from the
+  ``compile_preset`` config field.
+
+  ``"auto"``: XLA:CPU's ``FAST_COMPILE`` preset for the convolutional
+  networks on CPU, nothing otherwise. On split CIFAR (``use=500``, 2-core
+  AMD EPYC with AVX-512) it compiles the first task's chunk in 22-24 s
+  instead of 26-29 s, and the 17 tasks' training took 234.1 s against
+  236.2 s with the default preset, each task's chunk run by both
+  executables from the same state (the float rounding differs, ~1e-7
+  relative after a step). On permuted MNIST's MLP the preset saves no
+  compile time and the step runs ~10% slower, so ``auto`` leaves it
+  alone. Off CPU the option does not apply. ``"default"``,
+  ``"fast_compile"``, ``"fast_runtime"``: that preset on CPU.
+  """
+  if preset not in ("auto",) + tuple(COMPILE_PRESETS):
+    raise ValueError(
+        f"compile_preset must be one of auto, {', '.join(COMPILE_PRESETS)}; "
+        f"got {preset!r}")
+  if jax.default_backend() != "cpu":
+    return {}
+  if preset == "auto":
+    if not model.name.startswith("resnet"):
+      return {}
+    preset = "fast_compile"
+  return {"xla_cpu_opt_preset": COMPILE_PRESETS[preset]}
 
 
 # XLA options of the initial state's program on CPU. It runs once per run:
@@ -103,7 +139,8 @@ def _init_state(setup: Setup, cheap_compile: bool):
                     for r in axis.runs])
   init = jax.jit(axis.over_runs(setup.method.init))
   if cheap_compile:
-    init = init.lower(keys).compile(compiler_options=INIT_COMPILER_OPTIONS)
+    init = init.lower(keys).compile(compiler_options={
+        **axis.compiler_options, **INIT_COMPILER_OPTIONS})
   state = init(keys)
   return axis.place_runs(state._replace(
       hp=stacked_hp(axis.runs, setup.spec.dynamic)))

@@ -180,6 +180,33 @@ def test_cheaply_compiled_initial_state_is_bit_identical(model, shape):
   assert not np.array_equal(kernel[0], kernel[1])
 
 
+def test_compile_preset_auto_picks_fast_compile_for_conv_nets_only():
+  from bcl_jax.models import build_model
+  conv, mlp = build_model("auto", (3072,), 10), build_model("auto", (784,), 10)
+  fast = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
+  assert train.compiler_options("auto", conv) == fast
+  assert train.compiler_options("auto", mlp) == {}
+  assert train.compiler_options("fast_compile", mlp) == fast
+  assert train.compiler_options("default", conv) == {
+      "xla_cpu_opt_preset": "CPU_OPT_PRESET_DEFAULT"}
+  with pytest.raises(ValueError, match="compile_preset must be one of auto, "
+                     "default, fast_compile, fast_runtime; got 'fast'"):
+    train.build(tiny_config(compile_preset="fast"), toy_benchmark())
+
+
+def test_compile_preset_reaches_every_program():
+  """The setup's XLA options are those its programs compile with: a value
+  XLA refuses fails the run's first compilation."""
+  setup = train.build(tiny_config(compile_preset="fast_runtime"),
+                      toy_benchmark())
+  assert setup.axis.compiler_options == {
+      "xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"}
+  setup.axis.compiler_options["xla_cpu_opt_preset"] = "CPU_OPT_PRESET_NONE"
+  with pytest.raises(Exception, match="not a valid enum value"):
+    train.train_and_evaluate(setup.config, setup.bench, setup=setup,
+                             log=lambda *_: None)
+
+
 @pytest.mark.parametrize("method", ["bcl_dual", "icarl"])
 def test_chunk_compiled_ahead_is_used_and_changes_nothing(method, monkeypatch):
   """The first task's chunk step compiles in a background thread from the
