@@ -5,6 +5,7 @@ program.
     python scripts/bench.py --benchmark mnist --runs 1,4,16 # vmapped runs
     python scripts/bench.py --benchmark mini --method er --steps 10
     python scripts/bench.py --benchmark cifar --conv conv   # XLA convs
+    python scripts/bench.py --benchmark cifar --compile-preset default
     python scripts/bench.py --benchmark mnist --method all  # issue-10 table
 
 ``--method all`` (or a comma-separated list) times every registered method
@@ -240,6 +241,7 @@ def make_config(args, n_runs: int):
   c.progress = False
   c.lca_batches = args.lca_batches
   c.run_batching = args.run_batching
+  c.compile_preset = args.compile_preset
   c.pretrained = ""
   return c
 
@@ -334,7 +336,8 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
   steps = math.ceil(real_train / c_batch)
   peak, flops = res["peak"], res["flops"]
   print(f"\n{args.method} on {name} shapes ({bench.tasks[0].x_train.shape[1:]}"
-        f"), N={n_runs} run(s), conv={args.conv}: "
+        f"), N={n_runs} run(s), conv={args.conv}, "
+        f"compile_preset={args.compile_preset}: "
         f"{flops / 1e9:.3f} GFLOP per observe step per run (jaxpr count)")
   print("| phase | ms / step | ms / step / run | rows computed / useful | "
         "useful % | GFLOP/s | % of matmul |")
@@ -404,6 +407,9 @@ def main() -> None:
                   help="ResNet convolution implementation (CONV_IMPL)")
   ap.add_argument("--run-batching", default="auto",
                   choices=["auto", "vmap", "map"])
+  ap.add_argument("--compile-preset", default="auto",
+                  choices=["auto", "default", "fast_compile", "fast_runtime"],
+                  help="XLA:CPU preset (the compile_preset config field)")
   args = ap.parse_args()
 
   from bcl_jax import methods
