@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.logs = True                # metrics.csv and TensorBoard events (tb/)
   c.wandb = False              # also log to Weights & Biases ([wandb] extra)
   c.memory_limit_gb = 0.0      # memory a run may use (0: what is available)
-  c.compile_preset = "auto"    # XLA:CPU preset: auto | default | fast_compile | fast_runtime (README "Compile preset")
+  c.compile_preset = "default"  # XLA:CPU preset: default | fast_compile | fast_runtime (README "Compile preset")
   c.compile_cache = "auto"     # reuse compiled programs across runs: auto = $BCL_JAX_COMPILE_CACHE or ~/.cache/bcl_jax/xla; '' off
   # Checkpoints (README "Checkpoints and resuming").
   c.checkpoint = True          # save <workdir>/checkpoints/<task> after each

@@ -82,43 +82,40 @@ def build(config, bench: Benchmark) -> Setup:
                     steps_per_task=steps_per_task(config, bench))
   axis = RunAxis(expand_runs(config, spec.dynamic), config.run_batching,
                  spec.cpu_batching,
-                 compiler_options(config.get("compile_preset", "auto"), model))
+                 compiler_options(config.get("compile_preset", "default")))
   return Setup(config, bench, spec, ctx, spec.make(hp, ctx), axis)
 
 
 COMPILE_PRESETS = {
-    "default": "CPU_OPT_PRESET_DEFAULT",
+    "default": None,
     "fast_compile": "CPU_OPT_PRESET_FAST_COMPILE",
     "fast_runtime": "CPU_OPT_PRESET_FAST_RUNTIME",
 }
 
 
-def compiler_options(preset: str, model) -> dict:
-  """XLA options of the run's programs (chunks, hooks, evaluation) from the
-  ``compile_preset`` config field.
+def compiler_options(preset: str) -> dict:
+  """XLA options of the run's programs (chunks, hooks, evaluation, initial
+  state) from the ``compile_preset`` config field.
 
-  ``"auto"``: XLA:CPU's ``FAST_COMPILE`` preset for the convolutional
-  networks on CPU, nothing otherwise. On split CIFAR (``use=500``, 2-core
-  AMD EPYC with AVX-512) it compiles the first task's chunk in 22-24 s
-  instead of 26-29 s, and the 17 tasks' training took 234.1 s against
-  236.2 s with the default preset, each task's chunk run by both
-  executables from the same state (the float rounding differs, ~1e-7
-  relative after a step). On permuted MNIST's MLP the preset saves no
-  compile time and the step runs ~10% slower, so ``auto`` leaves it
-  alone. Off CPU the option does not apply. ``"default"``,
-  ``"fast_compile"``, ``"fast_runtime"``: that preset on CPU.
+  ``"default"``: XLA's own defaults (no option set). ``"fast_compile"`` /
+  ``"fast_runtime"``: that ``xla_cpu_opt_preset`` on CPU; off CPU nothing.
+  Measured on split CIFAR (``use=500``, 2-core AMD EPYC Zen 4):
+  ``fast_compile`` compiles the first task's chunk in 22-24 s instead of
+  26-29 s, but its steps ran 0-9% slower depending on the measurement
+  (17 tasks' chunks in one process from the same states: 0.991x;
+  ``scripts/bench.py``'s 10-step program, two interleaved pairs: early
+  +5-9%, late +3%), and on permuted MNIST's MLP ~10% slower with no
+  compile saved; so it is an opt-in for runs where compiling dominates
+  (short runs, many shapes), not the default.
   """
-  if preset not in ("auto",) + tuple(COMPILE_PRESETS):
+  if preset not in COMPILE_PRESETS:
     raise ValueError(
-        f"compile_preset must be one of auto, {', '.join(COMPILE_PRESETS)}; "
+        f"compile_preset must be one of {', '.join(COMPILE_PRESETS)}; "
         f"got {preset!r}")
-  if jax.default_backend() != "cpu":
+  name = COMPILE_PRESETS[preset]
+  if name is None or jax.default_backend() != "cpu":
     return {}
-  if preset == "auto":
-    if not model.name.startswith("resnet"):
-      return {}
-    preset = "fast_compile"
-  return {"xla_cpu_opt_preset": COMPILE_PRESETS[preset]}
+  return {"xla_cpu_opt_preset": name}
 
 
 # XLA options of the initial state's program on CPU. It runs once per run:

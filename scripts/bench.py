@@ -5,7 +5,7 @@ program.
     python scripts/bench.py --benchmark mnist --runs 1,4,16 # vmapped runs
     python scripts/bench.py --benchmark mini --method er --steps 10
     python scripts/bench.py --benchmark cifar --conv conv   # XLA convs
-    python scripts/bench.py --benchmark cifar --compile-preset default
+    python scripts/bench.py --benchmark cifar --compile-preset fast_compile
     python scripts/bench.py --benchmark mnist --method all  # issue-10 table
 
 ``--method all`` (or a comma-separated list) times every registered method
@@ -407,8 +407,8 @@ def main() -> None:
                   help="ResNet convolution implementation (CONV_IMPL)")
   ap.add_argument("--run-batching", default="auto",
                   choices=["auto", "vmap", "map"])
-  ap.add_argument("--compile-preset", default="auto",
-                  choices=["auto", "default", "fast_compile", "fast_runtime"],
+  ap.add_argument("--compile-preset", default="default",
+                  choices=["default", "fast_compile", "fast_runtime"],
                   help="XLA:CPU preset (the compile_preset config field)")
   args = ap.parse_args()
 
