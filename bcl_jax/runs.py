@@ -215,10 +215,8 @@ class RunAxis:
     return jax.jit(fn, donate_argnums=donate, **kw)
 
   def _build(self, fn: Callable, args, donate):
-    lowered = self._jit(fn, donate).lower(*args)
-    if self.compiler_options:
-      return lowered.compile(compiler_options=self.compiler_options)
-    return lowered.compile()
+    return self._jit(fn, donate).lower(*args).compile(
+        compiler_options=self.compiler_options or None)
 
   def compile_ahead(self, name: str, fn: Callable, *args, donate=()) -> bool:
     """Starts :meth:`compile` of ``fn`` for ``args`` (arrays or

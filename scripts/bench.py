@@ -407,8 +407,9 @@ def main() -> None:
                   help="ResNet convolution implementation (CONV_IMPL)")
   ap.add_argument("--run-batching", default="auto",
                   choices=["auto", "vmap", "map"])
+  from bcl_jax.train import COMPILE_PRESETS
   ap.add_argument("--compile-preset", default="default",
-                  choices=["default", "fast_compile", "fast_runtime"],
+                  choices=sorted(COMPILE_PRESETS),
                   help="XLA:CPU preset (the compile_preset config field)")
   args = ap.parse_args()
 
