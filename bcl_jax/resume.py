@@ -33,6 +33,13 @@ NON_RESULT_FIELDS = frozenset({
     "download", "data_url", "data_sha256", "data_md5",  # where data came from
 })
 
+# Result-changing config fields added after checkpoints were first written,
+# with the value that computes what the code before them did: a checkpoint
+# whose config lacks such a field resumes under that value without refusal.
+ABSENT_MEANS = {
+    "compile_preset": "default",    # XLA's own options (no preset set)
+}
+
 RNG_NOTE = ("run r: PRNGKey(seed_r); init fold_in(root, 0); task t "
             "fold_in(fold_in(root, 1), t); data order numpy "
             "default_rng([seed_r, t]); data_seed in config")
@@ -74,14 +81,16 @@ def lca_curve_of(meta: dict) -> np.ndarray | None:
 
 def config_diff(saved: dict, config) -> list[tuple[str, Any, Any]]:
   """``(field, checkpointed value, current value)`` for result-changing
-  fields that differ (a field present on one side only counts)."""
+  fields that differ (a field present on one side only counts, unless
+  :data:`ABSENT_MEANS` says what its absence stood for)."""
   now = checkpoint.jsonable(config.to_dict())
   saved = checkpoint.jsonable(saved)
   out = []
   for k in sorted(set(saved) | set(now)):
     if k in NON_RESULT_FIELDS:
       continue
-    a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+    absent = ABSENT_MEANS.get(k, "<absent>")
+    a, b = saved.get(k, absent), now.get(k, absent)
     if a != b:
       out.append((k, a, b))
   return out

@@ -414,3 +414,18 @@ def test_corrupt_array_metadatas_is_one_line(reference, tmp_path, module):
       "enclosed in double quotes: line 1 column 2 (char 1)); resume from an "
       "earlier one with --config.resume_from=2 (earlier checkpoints: "
       "[0, 1, 2])"], p.stderr
+
+
+def test_checkpoint_older_than_compile_preset_resumes_only_under_default():
+  """A config saved before ``compile_preset`` existed was compiled with
+  XLA's defaults: it matches ``default`` and differs from any preset."""
+  now = train.resolve(tiny_config())
+  saved = checkpoint.jsonable(now.to_dict())
+  del saved["compile_preset"]
+  assert resume.config_diff(saved, now) == []
+  fast = train.resolve(tiny_config(compile_preset="fast_compile"))
+  assert resume.config_diff(saved, fast) == [
+      ("compile_preset", "default", "fast_compile")]
+  # Other fields absent on one side still count.
+  del saved["seed"]
+  assert ("seed", "<absent>", now.seed) in resume.config_diff(saved, now)
