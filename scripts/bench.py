@@ -7,6 +7,7 @@ program.
     python scripts/bench.py --benchmark cifar --conv conv   # XLA convs
     python scripts/bench.py --benchmark cifar --compile-preset fast_compile
     python scripts/bench.py --benchmark mnist --method all  # issue-10 table
+    python scripts/bench.py --benchmark cifar --steps 50 --profile
 
 ``--method all`` (or a comma-separated list) times every registered method
 and ends with one summary line each: ms per observe step by phase, samples/s,
@@ -289,6 +290,9 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
       best = min(best, res.seconds / res.steps)
     rows = step_rows(c.method, hp, int(c.batch_size), t, n_tasks, **skips)
     out["phases"][label] = {"t": t, "ms": 1000 * best, "rows": rows}
+  if getattr(args, "profile", False):
+    state, out["profile"] = profile_phase(setup, state, ph, data,
+                                          evaluate.tests)
   out["epochs"] = int(setup.config.n_epochs)  # resolved by train.build
   out["compile_s"] = setup.axis.compile_seconds
   evaluate(state, n_tasks - 1)  # compiles
@@ -301,6 +305,30 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   out["tests_n"] = int(evaluate.tests[0].shape[1])
   out["peak"] = peak
   return out
+
+
+def profile_phase(setup, state, ph, data, tests):
+  """One more pass of phase ``ph`` under ``jax.profiler``; returns the
+  state after it (the one passed in is donated) and the per-category table
+  of :mod:`bcl_jax.xla_profile` (thread time per step by kind of kernel)
+  with the pass's wall ms per step."""
+  import tempfile
+  from bcl_jax import train, xla_profile
+  chunks = [v for k, v in setup.axis._compiled.items()
+            if k[0] == "chunk" and hasattr(v, "as_text")]
+  roots = {}
+  for c in chunks:
+    roots.update(xla_profile.library_roots(c.as_text()))
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    try:
+      state, res = train._train_phase(setup, state, ph, data, tests, desc="",
+                                      progress=False)
+    finally:
+      jax.profiler.stop_trace()
+    events = xla_profile.trace_events(tmp)
+  return state, {"rows": xla_profile.breakdown(events, roots, res.steps),
+                 "wall_ms": 1000 * res.seconds / res.steps, "phase": ph.row}
 
 
 def whole_run_estimate(res: dict, n_tasks: int, steps_per_task: int,
@@ -360,6 +388,12 @@ def print_table(args, n_runs: int, res: dict, bench, c_batch: int) -> None:
         f"{steps} steps/task, evaluation after each task, compile): "
         f"{est:.0f} s  [test sets here: {bench.tasks[0].x_test.shape[0]} "
         f"images/task; real: {real_test}]")
+  if "profile" in res:
+    from bcl_jax import xla_profile
+    prof = res["profile"]
+    print(f"\nwhere the step's time goes (task {prof['phase']}, one more "
+          "pass under jax.profiler):")
+    print(xla_profile.table(prof["rows"], wall_ms=prof["wall_ms"]))
 
 
 def print_summary(args, n_runs: int, results: dict, bench,
@@ -411,6 +445,10 @@ def main() -> None:
   ap.add_argument("--compile-preset", default="default",
                   choices=sorted(COMPILE_PRESETS),
                   help="XLA:CPU preset (the compile_preset config field)")
+  ap.add_argument("--profile", action="store_true",
+                  help="after the timings, one more pass of the last phase "
+                  "under jax.profiler: a table of where the step's time "
+                  "goes by kind of XLA kernel (bcl_jax.xla_profile)")
   args = ap.parse_args()
 
   from bcl_jax import methods

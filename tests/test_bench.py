@@ -108,3 +108,25 @@ def test_whole_run_estimate_by_schedule():
   # 2 epochs over 3 tasks x 100 steps at 2 ms, one evaluation.
   assert bench.whole_run_estimate(joint, 3, 100) == pytest.approx(
       1.2 + 0.5 + 3.0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU names")
+def test_profile_phase_accounts_the_chunks_kernels():
+  """``--profile``: one more pass of a phase under jax.profiler; the state
+  it returns continues the run and the table covers the MLP's matmuls."""
+  from bcl_jax import evaluation
+  setup = train.build(tiny_config(method="single"), toy_benchmark())
+  state = train.init_state(setup)
+  ev = evaluation.Evaluator(setup.method, setup.bench, setup.axis, 100)
+  ph = train.phase(setup, 0)
+  data = setup.axis.place_shared(ph.data)
+  state, _ = train._train_phase(setup, state, ph, data, ev.tests, desc="",
+                                progress=False)   # compiles the chunk
+  state, prof = bench.profile_phase(setup, state, ph, data, ev.tests)
+  rows = {r["category"]: r for r in prof["rows"]}
+  # 47 images in batches of 5: 10 steps, each one forward + backward of a
+  # two-layer MLP (five dots: two forward, three backward).
+  assert rows["library matmul"]["calls"] >= 3
+  assert sum(r["share"] for r in prof["rows"]) == pytest.approx(1.0)
+  assert prof["wall_ms"] > 0 and prof["phase"] == 0
+  ev(state, 0)   # the returned state is live (the one passed was donated)
