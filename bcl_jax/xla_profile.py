@@ -40,22 +40,18 @@ import re
 _NOT_OPS = re.compile(r"^(ThunkExecutor|end: |ThreadpoolListener|"
                       r"SlinkyThreadPool|while|cond|conditional|call)\b")
 
+# The categories, in the table's order:
 CATEGORIES = (
-    ("library convolution", "convolutions run by a library fusion "
-     "(YNNPACK/XNNPACK/oneDNN) or a convolution thunk"),
-    ("library matmul", "dots run by a library fusion or a dot thunk "
-     "(the im2col convolutions' matmuls)"),
-    ("im2col taps", "pad + slice kernels building the patches "
-     "(pad_slice fusions)"),
-    ("patch concatenation", "concatenations (the patches, the taps "
-     "stacked on channels)"),
-    ("tap gradients", "slice + pad kernels (the taps' gradients, "
-     "slice_pad fusions)"),
-    ("reductions", "kernels rooted in a reduce (BatchNorm's channel sums, "
-     "losses)"),
-    ("other fused kernels", "elementwise and select fusions (BatchNorm's "
-     "transform, ReLU, masks, SGD, memory writes)"),
-    ("copies", "copy thunks"),
+    "library convolution",  # a library fusion (YNNPACK/XNNPACK/oneDNN)
+                            # rooted in a convolution, or a convolution thunk
+    "library matmul",       # the same for dots (the im2col convs' matmuls)
+    "im2col taps",          # pad + slice kernels building the patches
+    "patch concatenation",  # concatenations (the taps stacked on channels)
+    "tap gradients",        # slice + pad kernels (the taps' gradients)
+    "reductions",           # kernels rooted in a reduce (BatchNorm's sums)
+    "other fused kernels",  # elementwise and select fusions (BatchNorm's
+                            # transform, ReLU, masks, SGD, memory writes)
+    "copies",               # copy thunks
 )
 
 
@@ -131,8 +127,8 @@ def category(name: str, roots: dict[str, str]) -> str | None:
 def breakdown(events, roots: dict[str, str], steps: int) -> list[dict]:
   """Per category: ``ms`` (thread time per step), ``calls`` (per step) and
   ``share`` (of the categorised total), in :data:`CATEGORIES` order."""
-  ms = {c: 0.0 for c, _ in CATEGORIES}
-  calls = {c: 0 for c, _ in CATEGORIES}
+  ms = dict.fromkeys(CATEGORIES, 0.0)
+  calls = dict.fromkeys(CATEGORIES, 0)
   for e in events:
     c = category(e.get("name", ""), roots)
     if c is None:
@@ -141,7 +137,7 @@ def breakdown(events, roots: dict[str, str], steps: int) -> list[dict]:
     calls[c] += 1
   total = sum(ms.values()) or 1.0
   return [{"category": c, "ms": ms[c] / steps, "calls": calls[c] / steps,
-           "share": ms[c] / total} for c, _ in CATEGORIES]
+           "share": ms[c] / total} for c in CATEGORIES]
 
 
 def table(rows: list[dict], wall_ms: float | None = None) -> str:
