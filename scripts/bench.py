@@ -143,7 +143,8 @@ def setup_batch(shape, dtype):
 # -- rows -------------------------------------------------------------------
 
 def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
-              skip_replay: bool = False, buckets: bool = False):
+              skip_replay: bool = False, buckets: bool = False,
+              fused=None):
   """``(computed, useful)`` network rows (forward + backward) of one observe
   step at task ``t``, or None for a method this table does not model.
 
@@ -151,7 +152,11 @@ def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
   draw is computed in row buckets (``buckets``, see :func:`outer_rows`),
   and where runs are not vmapped (``skip_replay``: the
   ``lax.cond`` is a real branch) the replay pass before task 1 is skipped
-  (:func:`replay_rows`). Useful: rows that are real samples.
+  (:func:`replay_rows`). bcl_dual's fused passes (``fused``: the network
+  instances' row counts, ``bcl_dual.plan_pass_buckets``) run each pass
+  through the smallest instance holding its rows: batch + replay (the
+  batch alone on task 0) and the outer draw. Useful: rows that are real
+  samples.
   """
   from bcl_jax.methods import bcl_dual
   rbs = int(hp.get("replay_batch_size", 0) or 0)
@@ -161,8 +166,13 @@ def step_rows(method: str, hp, batch: int, t: int, n_tasks: int,
     k_rep, k_out = min(n_mem, rbs), min(n_tasks * n_val, rbs)
     rep = k_rep if t > 0 else 0
     n_out = min((t + 1) * n_val, rbs)
-    computed = meta * (inner * (batch + replay_rows(k_rep, t, skip_replay))
-                       + outer_rows(n_out, k_out, buckets))
+    if fused:
+      need_in = batch + (k_rep if t > 0 else 0)
+      computed = meta * (inner * outer_rows(need_in, 0, fused)
+                         + outer_rows(n_out, 0, fused))
+    else:
+      computed = meta * (inner * (batch + replay_rows(k_rep, t, skip_replay))
+                         + outer_rows(n_out, k_out, buckets))
     useful = meta * (inner * (batch + rep) + n_out)
     return computed, useful
   if method in ("er", "bcl_single"):
@@ -262,13 +272,21 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
   bn = steps.has_batch_stats(state.variables)
   one_program = ((n_runs == 1 and setup.axis.squeeze_single)
                  or setup.axis.batching == "map")
+  from bcl_jax.methods import bcl_dual
   buckets = False
   if bn and c.method == "bcl_dual":
     # The buckets the program was built with (planned from the run's length).
-    from bcl_jax.methods import bcl_dual
     buckets = bcl_dual.plan_outer_buckets(
         setup.ctx, bcl_dual.memory_sizes(hp)[1], int(hp.replay_batch_size))
   skips = {"skip_replay": bn and one_program, "buckets": buckets}
+  if (bn and c.method == "bcl_dual" and bcl_dual.FUSED_PASSES
+      and hp.meta_gradient == "first_order"):
+    # The network instances of the fused passes (the same plan).
+    n_mem, n_val = bcl_dual.memory_sizes(hp)
+    k_rep = min(n_mem, int(hp.replay_batch_size))
+    skips["fused"] = bcl_dual.plan_pass_buckets(
+        setup.ctx, n_val, int(hp.replay_batch_size), int(c.batch_size),
+        int(c.batch_size) + k_rep, int(hp.inner_steps))
   full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
   out = {"flops": flops, "phases": {}, "full_rows": full and full[0],
          "rows_of": lambda t: (step_rows(c.method, hp, int(c.batch_size), t,

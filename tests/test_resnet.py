@@ -738,3 +738,111 @@ def test_batchnorm_backward_matches_autodiff(masked):
     np.testing.assert_allclose(g, h, rtol=2e-4, atol=2e-5)
   if masked:  # padding rows get no gradient and give no statistics
     np.testing.assert_array_equal(np.asarray(got[1][0])[~rows], 0.0)
+
+
+def test_batchnorm_groups_equal_separate_layers_with_gradients():
+  """A [G, N] mask: each group normalised with its own statistics, as a
+  layer applied to that group alone; the running averages take group 0,
+  then group 1; an empty group leaves them alone; rows in no group are
+  zeros with zero gradient. Checked against separate masked applications
+  (values, running statistics, and gradients of a weighted sum)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(0.3, 2.0, (7, 2, 3, 4)), jnp.float32)
+  a = np.array([1, 1, 0, 0, 1, 0, 0], bool)
+  b = np.array([0, 0, 1, 1, 0, 0, 0], bool)
+  bn = resnet.BatchNorm()
+  variables = {"params": {"scale": rng.normal(size=4).astype(np.float32),
+                          "bias": rng.normal(size=4).astype(np.float32)},
+               "batch_stats": {"mean": rng.normal(size=4).astype(np.float32),
+                               "var": rng.uniform(.5, 2, 4).astype(np.float32)}}
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def grouped(params, groups):
+    y, upd = bn.apply({"params": params, "batch_stats":
+                       variables["batch_stats"]}, x, train=True,
+                      mask=jnp.asarray(groups), mutable=["batch_stats"])
+    return jnp.sum(y * w), (y, upd["batch_stats"])
+
+  def separate(params, groups):
+    stats, y, total = variables["batch_stats"], jnp.zeros_like(x), 0.0
+    for g in groups:
+      yg, upd = bn.apply({"params": params, "batch_stats": stats}, x,
+                         train=True, mask=jnp.asarray(g),
+                         mutable=["batch_stats"])
+      stats = upd["batch_stats"] if g.any() else stats
+      y = y + yg
+      total = total + jnp.sum(yg * w)
+    return total, (y, stats)
+
+  for groups in (np.stack([a, b]), np.stack([b, a]),
+                 np.stack([a, np.zeros(7, bool)])):
+    (t1, (y1, s1)), g1 = jax.value_and_grad(grouped, has_aux=True)(
+        variables["params"], groups)
+    (t2, (y2, s2)), g2 = jax.value_and_grad(separate, has_aux=True)(
+        variables["params"], groups)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(y1)[~groups.any(0)] == 0)
+    np.testing.assert_allclose(t1, t2, rtol=1e-5)
+    for k in ("mean", "var"):
+      np.testing.assert_allclose(s1[k], s2[k], rtol=1e-5, atol=1e-6)
+    for k in ("scale", "bias"):
+      np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5)
+  # The order of the groups is the order of the running-average updates.
+  _, (_, s_ab) = grouped(variables["params"], np.stack([a, b]))
+  _, (_, s_ba) = grouped(variables["params"], np.stack([b, a]))
+  assert not np.allclose(s_ab["var"], s_ba["var"])
+  # The input gradient, against autodiff of the separate layers.
+  dx1 = jax.grad(lambda x_: jnp.sum(bn.apply(
+      variables, x_, train=True, mask=jnp.asarray(np.stack([a, b])),
+      mutable=["batch_stats"])[0] * w))(x)
+  dx2 = jax.grad(lambda x_: sum(jnp.sum(bn.apply(
+      variables, x_, train=True, mask=jnp.asarray(g),
+      mutable=["batch_stats"])[0] * w) for g in (a, b)))(x)
+  np.testing.assert_allclose(dx1, dx2, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(dx1)[~(a | b)] == 0)
+
+
+def test_reduced_model_groups_equal_separate_passes(reduced):
+  """The reduced ResNet-18 on two batches concatenated as two BatchNorm
+  groups (plus padding rows) computes what two passes in turn compute
+  (steps.apply_many): logits, running statistics and parameter gradients."""
+  from bcl_jax.methods import steps
+  model, variables, _ = reduced
+  rng = np.random.default_rng(4)
+  x1 = jnp.asarray(rng.random((3, 3072)), jnp.float32)
+  x2 = jnp.asarray(rng.random((4, 3072)), jnp.float32)
+  v1, v2 = jnp.array([1, 1, 0], bool), jnp.array([1, 0, 1, 1], bool)
+  w = jnp.asarray(rng.normal(size=(7, 100)), jnp.float32)
+
+  def separate(params):
+    (l1, l2), new = steps.apply_many(
+        model, {"params": params, "batch_stats": variables["batch_stats"]},
+        [x1, x2], True, masks=[v1, v2])
+    logits = jnp.concatenate([jnp.where(v1[:, None], l1, 0),
+                              jnp.where(v2[:, None], l2, 0)])
+    return jnp.sum(logits * w), (logits, new["batch_stats"])
+
+  def grouped(params):
+    x = jnp.concatenate([x1, x2, jnp.ones((2, 3072))])
+    none3, none4 = jnp.zeros(3, bool), jnp.zeros(4, bool)
+    groups = jnp.stack([jnp.concatenate([v1, none4, jnp.zeros(2, bool)]),
+                        jnp.concatenate([none3, v2, jnp.zeros(2, bool)])])
+    logits, new = model.apply({"params": params,
+                               "batch_stats": variables["batch_stats"]},
+                              x, True, groups)
+    logits = jnp.where(groups.any(0)[:, None], logits, 0)[:7]
+    return jnp.sum(logits * w), (logits, new["batch_stats"])
+
+  (t1, (l1, s1)), g1 = jax.jit(jax.value_and_grad(separate, has_aux=True))(
+      variables["params"])
+  (t2, (l2, s2)), g2 = jax.jit(jax.value_and_grad(grouped, has_aux=True))(
+      variables["params"])
+  np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(t1, t2, rtol=1e-4)
+  for a_, b_ in zip(jax.tree_util.tree_leaves(s1),
+                    jax.tree_util.tree_leaves(s2)):
+    np.testing.assert_allclose(a_, b_, rtol=1e-5, atol=1e-6)
+  for a_, b_ in zip(jax.tree_util.tree_leaves(g1),
+                    jax.tree_util.tree_leaves(g2)):
+    scale = float(np.abs(a_).max()) + 1e-6
+    np.testing.assert_allclose(a_ / scale, b_ / scale, atol=2e-4)

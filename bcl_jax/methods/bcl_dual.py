@@ -40,6 +40,7 @@ intermediate parameter sets and activations.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -120,6 +121,57 @@ def plan_outer_buckets(ctx: api.Context, n_val: int,
                                 BUCKET_COMPILE_SECONDS)
 
 
+def plan_pass_buckets(ctx: api.Context, n_val: int, rbs: int, n_b: int,
+                      m_in: int, inner_steps: int) -> tuple[int, ...]:
+  """Row counts of the network instances the fused passes run through
+  (:data:`FUSED_PASSES`).
+
+  Each step runs ``inner_steps`` inner passes of ``m_in`` rows (the
+  batch's ``n_b`` plus the replay's; ``n_b`` on task 0, which has no
+  replay) and one outer pass of :func:`plan_outer_buckets`'s rows; a pass
+  runs through the smallest instance that holds its rows. On CPU, with the
+  steps per task known, :func:`steps.plan_row_buckets` picks the instances
+  for all these needs at once (split CIFAR at ``use=500``: 62 and 128,
+  where the separate passes compiled instances of 10, 52, 65 and 128
+  rows). Elsewhere the powers of two from 64 up to the outer draw, and
+  ``m_in`` if that is larger.
+  """
+  k_outer = min(ctx.n_tasks * n_val, rbs)
+  if not ctx.steps_per_task or jax.default_backend() != "cpu":
+    sizes = steps.row_buckets(k_outer)
+    return sizes if sizes[-1] >= m_in else sizes + (m_in,)
+  per_task = list(ctx.steps_per_task)
+  needs = [min((t + 1) * n_val, rbs) for t in range(len(per_task))]
+  needs += [n_b, m_in]
+  counts = per_task + [inner_steps * per_task[0],
+                       inner_steps * sum(per_task[1:])]
+  per_row = BUCKET_ROW_SECONDS * int(np.prod(ctx.input_shape)) / 3072
+  return steps.plan_row_buckets(max(k_outer, m_in), needs, counts, per_row,
+                                BUCKET_COMPILE_SECONDS)
+
+
+def _rows(a, r):
+  """The first ``r`` rows of ``a``, zero-padded to ``r`` if it has fewer."""
+  if a.shape[0] >= r:
+    return a[:r]
+  return jnp.concatenate([a, jnp.zeros((r - a.shape[0],) + a.shape[1:],
+                                       a.dtype)])
+
+
+# Fused passes (issue 11), for networks with BatchNorm and the first-order
+# meta-gradient: one meta iteration's K inner passes and its outer pass run
+# as one ``lax.scan`` over K + 1 passes, each through the smallest of a few
+# network instances of fixed row counts (plan_pass_buckets), with the same
+# update rule (``acc += g; params -= lr * acc``; with grad_accumulation off,
+# ``acc = g``). An inner pass puts the batch and the replay in one forward
+# pass as two BatchNorm groups (resnet.BatchNorm with a [G, N] mask). The
+# maths is that of the separate passes; only the float summation order
+# differs. On split CIFAR at use=500 the chunk compiles two network
+# instances (62 and 128 rows) instead of four (10, 52, 65, 128). 0 (env
+# BCL_JAX_FUSED_PASSES=0) restores the separate passes.
+FUSED_PASSES = int(os.environ.get("BCL_JAX_FUSED_PASSES", "1"))
+
+
 def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   model = ctx.model
   class_mask = jnp.asarray(ctx.class_mask)
@@ -134,6 +186,11 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   unrolled = hp.meta_gradient == "unrolled"
   inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
   outer_buckets = plan_outer_buckets(ctx, n_val, rbs)
+
+  kl_mean = bool(hp.kl_mean)
+
+  def pass_buckets(n_b, m_in):
+    return plan_pass_buckets(ctx, n_val, rbs, n_b, m_in, inner_steps)
 
   def init(key):
     return State(
@@ -163,6 +220,59 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
     memory = mem.ring_write(state.memory, t, x, y, valid, drop_at_wrap=drop,
                             fill_on_first_write=fill)
     return state._replace(gen=gen, memory=memory), (x, y, valid)
+
+  def fused_pass(r, n_b, m_in, t, x, y, valid, hp_):
+    """One pass of the fused meta iteration through the ``r``-row network
+    instance: ``(params, batch_stats, gen, replay, outer draw, on_outer) ->
+    ((loss, batch_stats), grad)``.
+
+    An inner pass puts the batch's ``n_b`` rows and the replay's
+    ``k_replay`` rows in one forward pass as two BatchNorm groups (each
+    normalised with its own statistics, the running averages updated batch
+    first, then replay: what the two separate passes of
+    :func:`distill.inner_loss` compute); an instance with fewer than ``m_in
+    = n_b + k_replay`` rows holds the batch only, which is used on task 0,
+    where the replay is empty and its loss terms are zero. The outer pass
+    puts the draw's first ``r`` rows in one group. Rows beyond are padding
+    (in no group: zero output, no gradient, no statistics).
+    """
+    def run(params, batch_stats, gen, replay, outer, on_outer):
+      gt, gs, gmask = (_rows(a, r) for a in outer)
+      xo, yo = gen.x[gt, gs], gen.y[gt, gs]
+      none = jnp.zeros_like(gmask)
+      rx, ry, rt, rsoft, rmask = replay
+      if r >= m_in:
+        xi = _rows(jnp.concatenate([x, rx.astype(x.dtype)]), r)
+        gi = [_rows(valid, r), _rows(jnp.concatenate(
+            [jnp.zeros_like(valid), rmask]), r)]
+      elif r >= n_b:
+        xi, gi = _rows(x, r), [_rows(valid, r), none]
+      else:
+        xi = None
+      if xi is None:     # only outer draws use this size
+        xr, member = xo, jnp.stack([gmask, none])
+      else:
+        xr = jnp.where(on_outer, xo, xi.astype(xo.dtype))
+        member = jnp.where(on_outer, jnp.stack([gmask, none]), jnp.stack(gi))
+
+      def loss_fn(p_):
+        logits, new = model.apply({"params": p_, "batch_stats": batch_stats},
+                                  xr, True, member)
+        loss = losses.masked_ce(logits, yo, class_mask[gt], gmask)
+        if xi is not None:
+          inner = losses.masked_ce(logits[:n_b], y, class_mask[t], valid)
+          if r >= m_in:
+            lr_, cols = logits[n_b:m_in], class_mask[rt]
+            inner = (inner + losses.masked_ce(lr_, ry, cols, rmask)
+                     + hp_["memory_strength"] * losses.masked_kl(
+                         lr_, rsoft, cols, rmask, hp_["temperature"],
+                         kl_mean))
+          loss = jnp.where(on_outer, loss, inner)
+        return loss, new["batch_stats"]
+
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return run
 
   def observe(state, batch: api.Batch, key):
     t = batch.task
@@ -230,8 +340,45 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       after = {"params": steps.sgd(p, step, hp_["lr"]), "batch_stats": bs}
       return steps.interpolate(theta0, after, hp_["beta"]), lout
 
-    variables, louts = jax.lax.scan(meta_iteration, state.variables,
-                                    jax.random.split(key, n_meta))
+    def fused_meta_iteration(variables, key):
+      # The K inner passes and the outer pass as one scan over K + 1 passes
+      # through a few network instances of fixed row counts (FUSED_PASSES).
+      n_b = x.shape[0]
+      m_in = n_b + k_replay
+      sizes = pass_buckets(n_b, m_in)
+      keys = jax.random.split(key, inner_steps + 1)
+      on_outer = jnp.arange(inner_steps + 1) == inner_steps
+      # Task 0 has no replay (no past task): its inner passes need the
+      # batch's rows only.
+      need_in = jnp.where(t == 0, n_b, m_in)
+      index = jnp.where(on_outer, *(
+          jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), n), len(sizes) - 1)
+          for n in (n_outer, need_in)))
+      branches = [fused_pass(r, n_b, m_in, t, x, y, valid, hp_)
+                  for r in sizes]
+
+      def one_pass(carry, xs):
+        p, bs, acc = carry
+        k, outer_pass, i = xs
+        replay = distill.draw_replay(state.memory, state.soft, k, t, k_replay)
+        outer = mem.draw(state.gen, k, t + 1, k_outer, n_outer)
+        (loss, bs), g = jax.lax.switch(i, branches, p, bs, state.gen, replay,
+                                       outer, outer_pass)
+        acc = steps.add(acc, g) if accumulate else g
+        return (steps.sgd(p, acc, hp_["lr"]), bs, acc), loss
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
+      (p, bs, _), louts = jax.lax.scan(
+          one_pass, (variables["params"], variables["batch_stats"], zeros),
+          (keys, on_outer, index))
+      after = {"params": p, "batch_stats": bs}
+      return steps.interpolate(variables, after, hp_["beta"]), louts[-1]
+
+    fused = (FUSED_PASSES and not unrolled
+             and steps.has_batch_stats(state.variables))
+    variables, louts = jax.lax.scan(
+        fused_meta_iteration if fused else meta_iteration, state.variables,
+        jax.random.split(key, n_meta))
     return state._replace(variables=variables), {"loss": louts[-1]}
 
   return api.Method(init, begin_task, observe, api.no_hook,

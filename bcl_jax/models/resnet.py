@@ -117,6 +117,13 @@ class BatchNorm(nn.Module):
     as they are. (PyTorch would refuse a batch with
     a single value per channel; a traced count cannot raise, so ``n = 1``
     uses the correction 1, which multiplies a zero variance anyway.)
+
+    A ``[G, N]`` mask holds ``G`` disjoint groups of rows: each group is
+    normalised with its own statistics, as if it were its own forward pass,
+    and the running averages take group 0's batch, then group 1's, and so
+    on (an empty group leaves them alone). So one pass over several batches
+    concatenated computes what that many passes in turn would
+    (:func:`batch_norm_train_groups`).
     """
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
@@ -128,6 +135,23 @@ class BatchNorm(nn.Module):
     if not train:
       mean, var = running_mean.value, running_var.value
       return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if mask is not None and mask.ndim == 2:
+      member = mask.astype(x.dtype)
+      n = jnp.sum(member, axis=1) * math.prod(x.shape[1:-1])   # [G]
+      y, mean, var = batch_norm_train_groups(
+          x, scale, bias, member, jnp.maximum(n, 1.0), self.epsilon)
+      if not self.is_initializing():
+        m = self.momentum
+        correction = n / jnp.maximum(n - 1.0, 1.0)
+        for g in range(mask.shape[0]):
+          new_mean = ((1.0 - m) * running_mean.value
+                      + m * jax.lax.stop_gradient(mean[g]))
+          new_var = ((1.0 - m) * running_var.value
+                     + m * jax.lax.stop_gradient(var[g] * correction[g]))
+          running_mean.value = jnp.where(n[g] > 0, new_mean,
+                                         running_mean.value)
+          running_var.value = jnp.where(n[g] > 0, new_var, running_var.value)
+      return y
     if mask is None:
       n = math.prod(x.shape[:-1])
       if n < 2 and not self.is_initializing():
@@ -220,6 +244,65 @@ def _bn_bwd(epsilon, res, cts):
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+def _per_row(member, per_group, shape):
+  """``[G, C]`` per-group values -> each row's group's, shaped to broadcast
+  against ``x`` (rows in no group get zeros; exact: one term per row)."""
+  return jnp.einsum("gn,gc->nc", member, per_group).reshape(shape)
+
+
+def _row_sums(a):
+  """Sums over all axes but the first (rows) and the last (channels)."""
+  return jnp.sum(a, axis=tuple(range(1, a.ndim - 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_train_groups(x, scale, bias, member, count, epsilon):
+  """:func:`batch_norm_train` of ``G`` disjoint groups of rows at once:
+  ``(y, mean [G, C], var [G, C])``.
+
+  ``member`` (float 0/1 ``[G, N]``) marks each group's rows, ``count``
+  (``[G]``) the values per channel each group holds. Each group's rows are
+  normalised with that group's batch mean and biased variance, exactly as a
+  separate pass over them would (the sums run in another order); rows in no
+  group are padding and come out as zeros, with zero gradient. The
+  backward is the textbook one per group (two channel sums of the cotangent
+  per group, then one elementwise pass).
+  """
+  return _bn_groups_fwd(x, scale, bias, member, count, epsilon)[0]
+
+
+def _bn_groups_fwd(x, scale, bias, member, count, epsilon):
+  shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+  real = (jnp.sum(member, axis=0) > 0).reshape((-1,) + (1,) * (x.ndim - 1))
+  mean = (member @ _row_sums(x)) / count[:, None]
+  xc = x - _per_row(member, mean, shape)
+  var = (member @ _row_sums(jnp.square(xc))) / count[:, None]
+  inv = jax.lax.rsqrt(var + epsilon)
+  inv_row = _per_row(member, inv, shape)
+  y = jnp.where(real, xc * (inv_row * scale) + bias, 0.0)
+  return (y, mean, var), (xc, inv_row, scale, member, count, real)
+
+
+def _bn_groups_bwd(epsilon, res, cts):
+  del epsilon
+  xc, inv_row, scale, member, count, real = res
+  dy, dmean, dvar = cts
+  shape = inv_row.shape
+  xhat = xc * inv_row
+  dy = jnp.where(real, dy, 0.0)
+  dbias = member @ _row_sums(dy)             # [G, C]
+  dscale = member @ _row_sums(dy * xhat)     # [G, C]
+  per = lambda a: _per_row(member, a / count[:, None], shape)  # noqa: E731
+  dx = (inv_row * scale) * (dy - per(dbias) - xhat * per(dscale))
+  dx = dx + per(dmean) + 2.0 * per(dvar) * xc
+  dx = jnp.where(real, dx, 0.0)
+  return (dx, jnp.sum(dscale, 0), jnp.sum(dbias, 0), jnp.zeros_like(member),
+          jnp.zeros_like(count))
+
+
+batch_norm_train_groups.defvjp(_bn_groups_fwd, _bn_groups_bwd)
 
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
