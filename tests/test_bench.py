@@ -86,17 +86,17 @@ def test_step_rows_cifar_bcl_dual(t, useful, computed):
 
 
 @pytest.mark.parametrize("t,computed", [
-    (0, 3 * 62), (1, 3 * 62), (4, 2 * 62 + 128), (16, 2 * 62 + 128)])
+    (0, 3 * 13), (1, 3 * 62), (4, 2 * 62 + 128), (16, 2 * 62 + 128)])
 def test_step_rows_cifar_bcl_dual_fused(t, computed):
-  """The fused passes on split CIFAR at use=500: instances of 62 and 128
-  rows; the inner passes (10 + 52 rows, 10 on task 0) use 62, the outer
-  draw 62 up to task 3 and 128 from task 4."""
+  """The fused passes on split CIFAR at use=500: instances of 13, 62 and
+  128 rows; task 0's passes (10 and 13 rows) use 13, later inner passes
+  (10 + 52 rows) 62, the outer draw 62 on tasks 1-3 and 128 from task 4."""
   hp = train.methods.api.HParams(dict(
       n_memories=65, n_val=0.2, replay_batch_size=128, inner_steps=2,
       n_meta=1))
   useful = bench.step_rows("bcl_dual", hp, 10, t, 17)[1]
   assert bench.step_rows("bcl_dual", hp, 10, t, 17,
-                         fused=(62, 128)) == (computed, useful)
+                         fused=(13, 62, 128)) == (computed, useful)
 
 
 def test_whole_run_estimate_follows_rows():

@@ -127,12 +127,13 @@ def test_fused_passes_match_separate_passes(monkeypatch, accumulate):
 def test_pass_buckets_cover_every_need():
   """The planned instances on CPU: split CIFAR's use=500 needs (17 tasks of
   50 steps; outer draws of 13 (t + 1) rows up to 128; inner passes of 10
-  rows on task 0 and 62 after) get 62 and 128; a longer run gets more,
-  always with one holding the inner passes' 62 rows."""
+  rows on task 0 and 62 after) get 13 (task 0), 62 and 128; a longer run
+  gets more, always with one holding the inner passes' 62 rows."""
   mask = np.ones((17, 100), bool)
   def ctx(n):
     return api.Context(_ctx().model, mask, (3072,), np.float32, (n,) * 17)
-  assert bcl_dual.plan_pass_buckets(ctx(50), 13, 128, 10, 62, 2) == (62, 128)
+  assert bcl_dual.plan_pass_buckets(ctx(50), 13, 128, 10, 62, 2) == (
+      13, 62, 128)
   long = bcl_dual.plan_pass_buckets(ctx(250), 13, 128, 10, 62, 2)
   assert 62 in long and long[-1] == 128 and len(long) > 2
   # Unknown lengths: powers of two from 64 up to the draw, then m_in.

@@ -88,13 +88,16 @@ def validate(hp: api.HParams, config) -> None:
             f"{hp.meta_gradient!r}")
 
 
-# The cost model of the outer draw's row buckets on CPU (measured on a 2-core
-# AVX-512 CPU, split CIFAR's reduced ResNet-18 inside the training step): a
-# row of the outer pass, forward + backward, costs ~0.6 ms per step per 3,072
-# input values (15-24 ms per step for 32 rows); each more bucket is one more
-# compiled forward + backward pass, ~5 s.
-BUCKET_ROW_SECONDS = 0.6e-3
-BUCKET_COMPILE_SECONDS = 5.0
+# The cost model of the row buckets on CPU (split CIFAR's reduced ResNet-18
+# inside the training step, 2-core AVX-512 CPUs): a row of a pass, forward +
+# backward, costs ~0.6 ms per step per 3,072 input values on one machine,
+# 1.0-1.3 ms on another (task 0 of the fused passes: 245 -> 61 ms per step
+# with its 186 rows in 3 x 13-row passes instead of 3 x 62); each more
+# bucket is one more compiled forward + backward pass, 6-8 s there. The
+# constants sit in between; they pick 65 and 128 for the separate passes
+# and 13, 62 and 128 for the fused ones at use=500.
+BUCKET_ROW_SECONDS = 1.0e-3
+BUCKET_COMPILE_SECONDS = 7.0
 
 
 def plan_outer_buckets(ctx: api.Context, n_val: int,
@@ -131,9 +134,10 @@ def plan_pass_buckets(ctx: api.Context, n_val: int, rbs: int, n_b: int,
   replay) and one outer pass of :func:`plan_outer_buckets`'s rows; a pass
   runs through the smallest instance that holds its rows. On CPU, with the
   steps per task known, :func:`steps.plan_row_buckets` picks the instances
-  for all these needs at once (split CIFAR at ``use=500``: 62 and 128,
-  where the separate passes compiled instances of 10, 52, 65 and 128
-  rows). Elsewhere the powers of two from 64 up to the outer draw, and
+  for all these needs at once (split CIFAR at ``use=500``: 13, 62 and
+  128, where the separate passes compiled instances of 10, 52, 65 and 128
+  rows; the 13-row one runs task 0, whose passes hold 10 and 13 rows).
+  Elsewhere the powers of two from 64 up to the outer draw, and
   ``m_in`` if that is larger.
   """
   k_outer = min(ctx.n_tasks * n_val, rbs)
@@ -166,8 +170,8 @@ def _rows(a, r):
 # ``acc = g``). An inner pass puts the batch and the replay in one forward
 # pass as two BatchNorm groups (resnet.BatchNorm with a [G, N] mask). The
 # maths is that of the separate passes; only the float summation order
-# differs. On split CIFAR at use=500 the chunk compiles two network
-# instances (62 and 128 rows) instead of four (10, 52, 65, 128). 0 (env
+# differs. On split CIFAR at use=500 the chunk compiles three network
+# instances (13, 62 and 128 rows) instead of four (10, 52, 65, 128). 0 (env
 # BCL_JAX_FUSED_PASSES=0) restores the separate passes.
 FUSED_PASSES = int(os.environ.get("BCL_JAX_FUSED_PASSES", "1"))
 
