@@ -34,7 +34,10 @@ FLOPs are counted from the traced program (:func:`jaxpr_flops`): the jaxpr of
 one observe step of one run, summing ``2 * MACs`` of every ``dot_general`` and
 ``conv_general_dilated``, multiplying ``scan`` bodies by their length and
 taking the larger branch of a ``cond`` (so the count is an upper bound where
-a branch is skipped at run time, as the replay is at task 0). Elementwise
+a branch is skipped at run time, as the replay is at task 0; bcl_dual's
+fused passes, each a switch over the network instances, are rescaled from
+the largest instance per pass to the full-row step). Each phase's figure
+is that count times its rows computed over the full step's. Elementwise
 work (BatchNorm, losses, SGD) is not counted.
 """
 
@@ -288,6 +291,12 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
         setup.ctx, n_val, int(hp.replay_batch_size), int(c.batch_size),
         int(c.batch_size) + k_rep, int(hp.inner_steps))
   full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
+  if skips.get("fused") and full:
+    # The jaxpr count takes each pass's largest instance (every pass is a
+    # switch over them): rescale to the full-row step's passes.
+    counted = (int(hp.n_meta) * (int(hp.inner_steps) + 1)
+               * max(skips["fused"]))
+    flops = flops * full[0] / counted
   out = {"flops": flops, "phases": {}, "full_rows": full and full[0],
          "rows_of": lambda t: (step_rows(c.method, hp, int(c.batch_size), t,
                                          n_tasks, **skips) or (None,))[0]}
