@@ -118,9 +118,19 @@ def plan_outer_buckets(ctx: api.Context, n_val: int,
   k_outer = min(ctx.n_tasks * n_val, rbs)
   if not ctx.steps_per_task or jax.default_backend() != "cpu":
     return steps.row_buckets(k_outer)
-  needs = [min((t + 1) * n_val, rbs) for t in range(len(ctx.steps_per_task))]
+  return _planned(ctx, k_outer, _outer_needs(ctx, n_val, rbs),
+                  ctx.steps_per_task)
+
+
+def _outer_needs(ctx: api.Context, n_val: int, rbs: int) -> list[int]:
+  """Real rows of the outer draw on each task."""
+  return [min((t + 1) * n_val, rbs) for t in range(len(ctx.steps_per_task))]
+
+
+def _planned(ctx: api.Context, k: int, needs, counts) -> tuple[int, ...]:
+  """:func:`steps.plan_row_buckets` with this module's cost model."""
   per_row = BUCKET_ROW_SECONDS * int(np.prod(ctx.input_shape)) / 3072
-  return steps.plan_row_buckets(k_outer, needs, ctx.steps_per_task, per_row,
+  return steps.plan_row_buckets(k, needs, counts, per_row,
                                 BUCKET_COMPILE_SECONDS)
 
 
@@ -145,13 +155,10 @@ def plan_pass_buckets(ctx: api.Context, n_val: int, rbs: int, n_b: int,
     sizes = steps.row_buckets(k_outer)
     return sizes if sizes[-1] >= m_in else sizes + (m_in,)
   per_task = list(ctx.steps_per_task)
-  needs = [min((t + 1) * n_val, rbs) for t in range(len(per_task))]
-  needs += [n_b, m_in]
+  needs = _outer_needs(ctx, n_val, rbs) + [n_b, m_in]
   counts = per_task + [inner_steps * per_task[0],
                        inner_steps * sum(per_task[1:])]
-  per_row = BUCKET_ROW_SECONDS * int(np.prod(ctx.input_shape)) / 3072
-  return steps.plan_row_buckets(max(k_outer, m_in), needs, counts, per_row,
-                                BUCKET_COMPILE_SECONDS)
+  return _planned(ctx, max(k_outer, m_in), needs, counts)
 
 
 def _rows(a, r):
@@ -188,10 +195,9 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   accumulate = bool(hp.grad_accumulation)
   drop, fill = bool(hp.drop_at_wrap), bool(hp.fill_on_first_write)
   unrolled = hp.meta_gradient == "unrolled"
-  inner_loss = distill.inner_loss(model, class_mask, bool(hp.kl_mean))
-  outer_buckets = plan_outer_buckets(ctx, n_val, rbs)
-
   kl_mean = bool(hp.kl_mean)
+  inner_loss = distill.inner_loss(model, class_mask, kl_mean)
+  outer_buckets = plan_outer_buckets(ctx, n_val, rbs)
 
   def pass_buckets(n_b, m_in):
     return plan_pass_buckets(ctx, n_val, rbs, n_b, m_in, inner_steps)
@@ -244,7 +250,7 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       gt, gs, gmask = (_rows(a, r) for a in outer)
       xo, yo = gen.x[gt, gs], gen.y[gt, gs]
       none = jnp.zeros_like(gmask)
-      rx, ry, rt, rsoft, rmask = replay
+      rx, rmask = replay[0], replay[4]
       if r >= m_in:
         xi = _rows(jnp.concatenate([x, rx.astype(x.dtype)]), r)
         gi = [_rows(valid, r), _rows(jnp.concatenate(
@@ -263,14 +269,13 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
         logits, new = model.apply({"params": p_, "batch_stats": batch_stats},
                                   xr, True, member)
         loss = losses.masked_ce(logits, yo, class_mask[gt], gmask)
-        if xi is not None:
+        if r >= m_in:
+          inner = distill.inner_loss_of_logits(
+              class_mask, kl_mean, hp_, logits[:n_b], y, valid, t,
+              logits[n_b:m_in], replay)
+        elif xi is not None:   # task 0: the replay's terms are zero
           inner = losses.masked_ce(logits[:n_b], y, class_mask[t], valid)
-          if r >= m_in:
-            lr_, cols = logits[n_b:m_in], class_mask[rt]
-            inner = (inner + losses.masked_ce(lr_, ry, cols, rmask)
-                     + hp_["memory_strength"] * losses.masked_kl(
-                         lr_, rsoft, cols, rmask, hp_["temperature"],
-                         kl_mean))
+        if xi is not None:
           loss = jnp.where(on_outer, loss, inner)
         return loss, new["batch_stats"]
 
@@ -360,12 +365,14 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
           for n in (n_outer, need_in)))
       branches = [fused_pass(r, n_b, m_in, t, x, y, valid, hp_)
                   for r in sizes]
+      # The outer pass's draw (its key is the last); the inner passes draw
+      # their replay in the scan, each with its own key.
+      outer = mem.draw(state.gen, keys[-1], t + 1, k_outer, n_outer)
 
       def one_pass(carry, xs):
         p, bs, acc = carry
         k, outer_pass, i = xs
         replay = distill.draw_replay(state.memory, state.soft, k, t, k_replay)
-        outer = mem.draw(state.gen, k, t + 1, k_outer, n_outer)
         (loss, bs), g = jax.lax.switch(i, branches, p, bs, state.gen, replay,
                                        outer, outer_pass)
         acc = steps.add(acc, g) if accumulate else g

@@ -49,15 +49,23 @@ def inner_loss(model, class_mask, kl_mean: bool):
   """
 
   def loss(params, batch_stats, hp, x, y, valid, task, replay):
-    rx, ry, rt, rsoft, rmask = replay
+    rx, _, _, _, rmask = replay
     (lc, lr_), new = steps.apply_many(
         model, {"params": params, "batch_stats": batch_stats}, [x, rx], True,
         masks=[valid, rmask], skippable=(False, True))
-    cols = class_mask[rt]
-    total = (losses.masked_ce(lc, y, class_mask[task], valid)
-             + losses.masked_ce(lr_, ry, cols, rmask)
-             + hp["memory_strength"] * losses.masked_kl(
-                 lr_, rsoft, cols, rmask, hp["temperature"], kl_mean))
-    return total, new["batch_stats"]
+    return (inner_loss_of_logits(class_mask, kl_mean, hp, lc, y, valid, task,
+                                 lr_, replay), new["batch_stats"])
 
   return loss
+
+
+def inner_loss_of_logits(class_mask, kl_mean: bool, hp, lc, y, valid, task,
+                         lr_, replay):
+  """``L_in`` from the batch's logits ``lc`` and the replay's ``lr_`` (what
+  :func:`inner_loss` computes after its forward passes)."""
+  _, ry, rt, rsoft, rmask = replay
+  cols = class_mask[rt]
+  return (losses.masked_ce(lc, y, class_mask[task], valid)
+          + losses.masked_ce(lr_, ry, cols, rmask)
+          + hp["memory_strength"] * losses.masked_kl(
+              lr_, rsoft, cols, rmask, hp["temperature"], kl_mean))

@@ -141,16 +141,10 @@ class BatchNorm(nn.Module):
       y, mean, var = batch_norm_train_groups(
           x, scale, bias, member, jnp.maximum(n, 1.0), self.epsilon)
       if not self.is_initializing():
-        m = self.momentum
         correction = n / jnp.maximum(n - 1.0, 1.0)
         for g in range(mask.shape[0]):
-          new_mean = ((1.0 - m) * running_mean.value
-                      + m * jax.lax.stop_gradient(mean[g]))
-          new_var = ((1.0 - m) * running_var.value
-                     + m * jax.lax.stop_gradient(var[g] * correction[g]))
-          running_mean.value = jnp.where(n[g] > 0, new_mean,
-                                         running_mean.value)
-          running_var.value = jnp.where(n[g] > 0, new_var, running_var.value)
+          self._update_running(running_mean, running_var, mean[g],
+                               var[g] * correction[g], n[g] > 0)
       return y
     if mask is None:
       n = math.prod(x.shape[:-1])
@@ -169,14 +163,21 @@ class BatchNorm(nn.Module):
       correction, any_real = n / jnp.maximum(n - 1.0, 1.0), n > 0
     y, mean, var = batch_norm_train(x, scale, bias, real, count, self.epsilon)
     if not self.is_initializing():
-      m = self.momentum
-      batch_mean = jax.lax.stop_gradient(mean)
-      batch_var = jax.lax.stop_gradient(var * correction)
-      new_mean = (1.0 - m) * running_mean.value + m * batch_mean
-      new_var = (1.0 - m) * running_var.value + m * batch_var
-      running_mean.value = jnp.where(any_real, new_mean, running_mean.value)
-      running_var.value = jnp.where(any_real, new_var, running_var.value)
+      self._update_running(running_mean, running_var, mean, var * correction,
+                           any_real)
     return y
+
+  def _update_running(self, running_mean, running_var, mean, unbiased_var,
+                      any_real):
+    """One batch's step of the running averages (no gradient flows into
+    them), skipped where ``any_real`` is False (no real row)."""
+    m = self.momentum
+    batch_mean = jax.lax.stop_gradient(mean)
+    batch_var = jax.lax.stop_gradient(unbiased_var)
+    new_mean = (1.0 - m) * running_mean.value + m * batch_mean
+    new_var = (1.0 - m) * running_var.value + m * batch_var
+    running_mean.value = jnp.where(any_real, new_mean, running_mean.value)
+    running_var.value = jnp.where(any_real, new_var, running_var.value)
 
 
 def _batch_stats(x, real, count):
