@@ -200,22 +200,29 @@ def test_conv2d_picks_implementation(monkeypatch):
 def test_auto_runs_large_stride1_3x3_as_xla_conv(monkeypatch):
   """``"auto"`` on CPU: im2col, except a stride-1 3x3 conv with >= 8 input
   channels over >= XLA_CONV_MIN_PIXELS output pixels (where im2col's 9x
-  patches fall off a cache cliff); 0 turns the exception off."""
+  patches fall off a cache cliff), >= XLA_CONV_MIN_PIXELS_NARROW below 32
+  input channels; 0 turns the exception off."""
   monkeypatch.setattr(resnet, "CONV_IMPL", "auto")
   monkeypatch.setattr(resnet, "XLA_CONV_MIN_PIXELS", 4 * 8 * 8)
+  monkeypatch.setattr(resnet, "XLA_CONV_MIN_PIXELS_NARROW", 2 * 8 * 8)
   k3 = jnp.ones((3, 3, 8, 4))
+  k32 = jnp.ones((3, 3, 32, 4))
 
   def uses_conv(shape, kernel, stride):
     x = jnp.ones(shape)
     return "conv_general_dilated" in str(jax.make_jaxpr(
         lambda x, k: resnet.conv2d(x, k, stride, 1))(x, kernel))
 
-  assert uses_conv((4, 8, 8, 8), k3, 1)          # 256 pixels: XLA conv
-  assert not uses_conv((3, 8, 8, 8), k3, 1)      # 192 pixels: im2col
+  assert uses_conv((2, 8, 8, 8), k3, 1)          # 8 channels, 128 pixels
+  assert not uses_conv((1, 8, 8, 8), k3, 1)      # 64 pixels: im2col
+  assert uses_conv((4, 8, 8, 32), k32, 1)        # 32 channels, 256 pixels
+  assert not uses_conv((3, 8, 8, 32), k32, 1)    # 192 pixels: im2col
   assert not uses_conv((8, 8, 8, 8), k3, 2)      # strided: im2col
   assert not uses_conv((4, 8, 8, 3), jnp.ones((3, 3, 3, 4)), 1)  # 3 channels
   monkeypatch.setattr(resnet, "XLA_CONV_MIN_PIXELS", 0)
+  monkeypatch.setattr(resnet, "XLA_CONV_MIN_PIXELS_NARROW", 0)
   assert not uses_conv((64, 8, 8, 8), k3, 1)
+  assert not uses_conv((64, 8, 8, 32), k32, 1)
   # Either way the same convolution (forward and gradient), to rounding.
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 8))
   kr = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 4))

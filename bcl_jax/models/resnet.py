@@ -337,13 +337,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
 
   One exception on CPU (``"auto"`` only): a stride-1 3x3 convolution with
   at least 8 input channels over at least :data:`XLA_CONV_MIN_PIXELS`
-  output pixels (``N * H * W``; 64 images of the reduced ResNet-18's first
-  stage, 16x16x20) runs as an XLA convolution. The im2col patches are then
+  output pixels (``N * H * W``; 64 images of 16x16) runs as an XLA
+  convolution; below 32 input channels from
+  :data:`XLA_CONV_MIN_PIXELS_NARROW` (32 images of 16x16: the reduced
+  ResNet-18's first stage, 16x16x20, from 32 rows). The im2col patches are
   9x the activations (24 MB at 128 images) and im2col falls off a cliff
   (measured forward + backward per conv inside ``lax.scan``, 2-core AVX-512
-  CPU: 1.2 ms at 64 images, 2.1 at 96, 8.6 at 128, against 1.3, 2.0, 2.6 for
-  the XLA conv); below that size im2col is as fast or faster. Split CIFAR's
-  outer pass (64 and 128 rows) and evaluation (100-500 rows) cross it.
+  CPU, before the blocked kernel gradient: 1.2 ms at 64 images, 2.1 at 96,
+  8.6 at 128, against 1.3, 2.0, 2.6 for the XLA conv). Split CIFAR's inner
+  passes (62 rows), outer pass (62 and 128 rows) and evaluation (100-500
+  rows) cross it.
   """
   impl = CONV_IMPL
   if impl == "auto":
@@ -365,12 +368,28 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
 XLA_CONV_MIN_PIXELS = int(os.environ.get("BCL_JAX_XLA_CONV_MIN_PIXELS",
                                          str(64 * 16 * 16)))
 
+# The same threshold for narrow convolutions (8 to
+# XLA_CONV_NARROW_CHANNELS - 1 input channels: the reduced ResNet-18's first
+# stage, 20 channels): since the XLA path's kernel gradient is blocked
+# (DK_BLOCK_ROWS) they win from 32 images of 16x16. Measured on a 2-core
+# AVX-512 CPU, the first stage's two blocks forward + backward inside
+# ``lax.scan``: 16 / 24 / 32 / 48 / 62 images of 16x16, im2col 6.4 / 10.9 /
+# 13.5 / 21.9 / 32-38 ms against 6.2 / 11.3 / 11.2 / 16.0 / 23-25 ms; 5 and
+# 6 images of miniImageNet's 42x42, 14.7-23.5 / 16.9-17.8 against 11.2-13.8
+# / 12.7-15.3 ms (three runs each). The second stage (40 channels) keeps
+# XLA_CONV_MIN_PIXELS: at 32 images of 21x21 im2col took 60 ms against 75.
+XLA_CONV_MIN_PIXELS_NARROW = int(os.environ.get(
+    "BCL_JAX_XLA_CONV_MIN_PIXELS_NARROW", str(32 * 16 * 16)))
+XLA_CONV_NARROW_CHANNELS = 32
+
 
 def _xla_wins_on_cpu(x: jax.Array, kernel: jax.Array, stride: int) -> bool:
   kh, kw, cin, _ = kernel.shape
   n, h, w, _ = x.shape
-  return (XLA_CONV_MIN_PIXELS > 0 and stride == 1 and kh == kw == 3
-          and cin >= 8 and n * h * w >= XLA_CONV_MIN_PIXELS)
+  least = (XLA_CONV_MIN_PIXELS_NARROW if cin < XLA_CONV_NARROW_CHANNELS
+           else XLA_CONV_MIN_PIXELS)
+  return (least > 0 and stride == 1 and kh == kw == 3
+          and cin >= 8 and n * h * w >= least)
 
 
 def _patches(x: jax.Array, kh: int, kw: int, stride: int,
