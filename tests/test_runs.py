@@ -204,22 +204,25 @@ def test_compile_ahead_error_surfaces_in_compile_and_is_not_cached():
   np.testing.assert_array_equal(fn(jax.numpy.zeros(2, jax.numpy.int32)), [1, 1])
 
 
-def test_compile_ahead_ignores_a_compile_under_other_thread_settings():
-  """Thread-local JAX settings (here matmul precision) do not reach the
-  background thread, so its executable is not used."""
+def test_compile_ahead_traces_in_the_callers_thread_and_settings():
+  """The trace is made in the caller's thread, so its thread-local JAX
+  settings (here matmul precision) apply; only the compile runs in the
+  background."""
   axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
   traced = []
 
   def f(x):
-    traced.append(threading.current_thread() is threading.main_thread())
+    traced.append((threading.current_thread() is threading.main_thread(),
+                   jax.config.jax_default_matmul_precision))
     return x @ x
 
   spec = jax.ShapeDtypeStruct((4, 4), np.float32)
   with jax.default_matmul_precision("highest"):
     assert axis.compile_ahead("h", f, spec)
+    assert traced == [(True, "highest")]
     fn = axis.compile("h", f, jax.numpy.eye(4))
   np.testing.assert_array_equal(fn(jax.numpy.eye(4)), np.eye(4))
-  assert traced == [True]  # only the caller's own compile was used
+  assert traced == [(True, "highest")]  # the ahead compile was used
 
 
 def test_compile_ahead_off_when_sharded():
