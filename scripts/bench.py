@@ -282,14 +282,10 @@ def time_phases(args, n_runs: int, bench, peak: float) -> dict:
     buckets = bcl_dual.plan_outer_buckets(
         setup.ctx, bcl_dual.memory_sizes(hp)[1], int(hp.replay_batch_size))
   skips = {"skip_replay": bn and one_program, "buckets": buckets}
-  if (bn and c.method == "bcl_dual" and bcl_dual.FUSED_PASSES
-      and hp.meta_gradient == "first_order"):
-    # The network instances of the fused passes (the same plan).
-    n_mem, n_val = bcl_dual.memory_sizes(hp)
-    k_rep = min(n_mem, int(hp.replay_batch_size))
-    skips["fused"] = bcl_dual.plan_pass_buckets(
-        setup.ctx, n_val, int(hp.replay_batch_size), int(c.batch_size),
-        int(c.batch_size) + k_rep, int(hp.inner_steps))
+  if c.method == "bcl_dual":
+    # The network instances of the fused passes (the program's own plan).
+    skips["fused"] = bcl_dual.fused_pass_sizes(hp, setup.ctx,
+                                               int(c.batch_size), bn)
   full = step_rows(c.method, hp, int(c.batch_size), n_tasks - 1, n_tasks)
   if skips.get("fused") and full:
     # The jaxpr count takes each pass's largest instance (every pass is a

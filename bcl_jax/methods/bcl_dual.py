@@ -161,6 +161,21 @@ def plan_pass_buckets(ctx: api.Context, n_val: int, rbs: int, n_b: int,
   return _planned(ctx, max(k_outer, m_in), needs, counts)
 
 
+def fused_pass_sizes(hp, ctx: api.Context, n_b: int,
+                     batch_norm: bool) -> tuple[int, ...] | None:
+  """Row counts of the network instances the fused passes
+  (:data:`FUSED_PASSES`) run through for batches of ``n_b`` rows
+  (:func:`plan_pass_buckets`), or None where the separate passes run: the
+  fused passes off, a network without BatchNorm (``batch_norm``) or the
+  unrolled meta-gradient."""
+  if not (FUSED_PASSES and batch_norm and hp.meta_gradient != "unrolled"):
+    return None
+  n_mem, n_val = memory_sizes(hp)
+  rbs = int(hp.replay_batch_size)
+  return plan_pass_buckets(ctx, n_val, rbs, n_b, n_b + min(n_mem, rbs),
+                           int(hp.inner_steps))
+
+
 def _rows(a, r):
   """The first ``r`` rows of ``a``, zero-padded to ``r`` if it has fewer."""
   if a.shape[0] >= r:
@@ -198,9 +213,6 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
   kl_mean = bool(hp.kl_mean)
   inner_loss = distill.inner_loss(model, class_mask, kl_mean)
   outer_buckets = plan_outer_buckets(ctx, n_val, rbs)
-
-  def pass_buckets(n_b, m_in):
-    return plan_pass_buckets(ctx, n_val, rbs, n_b, m_in, inner_steps)
 
   def init(key):
     return State(
@@ -354,7 +366,6 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       # through a few network instances of fixed row counts (FUSED_PASSES).
       n_b = x.shape[0]
       m_in = n_b + k_replay
-      sizes = pass_buckets(n_b, m_in)
       keys = jax.random.split(key, inner_steps + 1)
       on_outer = jnp.arange(inner_steps + 1) == inner_steps
       # Task 0 has no replay (no past task): its inner passes need the
@@ -385,10 +396,11 @@ def make(hp: api.HParams, ctx: api.Context) -> api.Method:
       after = {"params": p, "batch_stats": bs}
       return steps.interpolate(variables, after, hp_["beta"]), louts[-1]
 
-    fused = (FUSED_PASSES and not unrolled
-             and steps.has_batch_stats(state.variables))
+    sizes = fused_pass_sizes(hp, ctx, x.shape[0],
+                             steps.has_batch_stats(state.variables))
     variables, louts = jax.lax.scan(
-        fused_meta_iteration if fused else meta_iteration, state.variables,
+        meta_iteration if sizes is None else fused_meta_iteration,
+        state.variables,
         jax.random.split(key, n_meta))
     return state._replace(variables=variables), {"loss": louts[-1]}
 
