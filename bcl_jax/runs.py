@@ -207,8 +207,10 @@ class RunAxis:
     return jax.jit(fn, donate_argnums=donate, **kw)
 
   def _build(self, fn: Callable, args, donate):
-    return self._jit(fn, donate).lower(*args).compile(
-        compiler_options=self.compiler_options or None)
+    return self._compile(self._jit(fn, donate).lower(*args))
+
+  def _compile(self, lowered):
+    return lowered.compile(compiler_options=self.compiler_options or None)
 
   def compile_ahead(self, name: str, fn: Callable, *args, donate=()) -> bool:
     """Traces and lowers ``fn`` for ``args`` (arrays or
@@ -233,21 +235,19 @@ class RunAxis:
     if key in self._compiled:
       return False
     future = concurrent.futures.Future()
+    self._compiled[key] = future
     try:
       lowered = self._jit(fn, donate).lower(*args)
     except Exception as e:  # surfaces in compile(), where the loop asks
       future.set_exception(e)
-      self._compiled[key] = future
       return True
 
     def work():
       try:
-        future.set_result(lowered.compile(
-            compiler_options=self.compiler_options or None))
+        future.set_result(self._compile(lowered))
       except BaseException as e:  # surfaces in compile(), in the caller
         future.set_exception(e)
 
-    self._compiled[key] = future
     threading.Thread(target=work, name=f"bcl-jax-compile-{name}",
                      daemon=True).start()
     return True
