@@ -241,6 +241,9 @@ class RunAxis:
     except Exception as e:  # surfaces in compile(), where the loop asks
       future.set_exception(e)
       return True
+    except BaseException:  # an interrupt: no future left for compile() to wait on
+      del self._compiled[key]
+      raise
 
     def work():
       try:

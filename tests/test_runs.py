@@ -204,6 +204,20 @@ def test_compile_ahead_error_surfaces_in_compile_and_is_not_cached():
   np.testing.assert_array_equal(fn(jax.numpy.zeros(2, jax.numpy.int32)), [1, 1])
 
 
+def test_compile_ahead_interrupted_while_tracing_leaves_nothing_pending():
+  axis = runs_lib.RunAxis([runs_lib.Run(0, {})])
+
+  def interrupted(x):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    axis.compile_ahead("k", interrupted, jax.ShapeDtypeStruct((2,), np.int32))
+  # compile() builds the program itself instead of waiting on a future that
+  # nothing would ever complete.
+  fn = axis.compile("k", lambda x: x + 1, jax.numpy.zeros(2, jax.numpy.int32))
+  np.testing.assert_array_equal(fn(jax.numpy.zeros(2, jax.numpy.int32)), [1, 1])
+
+
 def test_compile_ahead_traces_in_the_callers_thread_and_settings():
   """The trace is made in the caller's thread, so its thread-local JAX
   settings (here matmul precision) apply; only the compile runs in the
