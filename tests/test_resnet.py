@@ -809,6 +809,43 @@ def test_batchnorm_groups_equal_separate_layers_with_gradients():
   assert np.all(np.asarray(dx1)[~(a | b)] == 0)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batchnorm_gradient_ignores_padding_rows_cotangent(grouped):
+  """The padding rows' outputs are constant zeros, so their cotangent,
+  whatever it is (inf and NaN included), changes no gradient, bit for bit:
+  the backward masks it inside its channel sums (issue 11: without masking
+  the whole cotangent, XLA:CPU compiles fewer kernels)."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(0.3, 2.0, (6, 2, 3, 4)), jnp.float32)
+  real = np.array([1, 1, 0, 1, 0, 1], bool)
+  mask = np.stack([real & (np.arange(6) < 3), real & (np.arange(6) >= 3)]) \
+      if grouped else real
+  bn = resnet.BatchNorm()
+  variables = bn.init(jax.random.PRNGKey(0), x, True, jnp.asarray(mask))
+  w = rng.normal(size=x.shape).astype(np.float32)
+
+  def grads(weights):
+    def loss(params, x_):
+      y, _ = bn.apply({"params": params,
+                       "batch_stats": variables["batch_stats"]}, x_,
+                      train=True, mask=jnp.asarray(mask),
+                      mutable=["batch_stats"])
+      return jnp.sum(y * weights)   # the cotangent of y is ``weights``
+    return jax.jit(jax.grad(loss, (0, 1)))(variables["params"], x)
+
+  base = grads(jnp.asarray(w))
+  pad = np.nonzero(~real)[0]
+  odd = w.copy()
+  odd[pad] = rng.normal(size=odd[pad].shape) * 1e30
+  odd[pad[0], 0, 0, 0], odd[pad[1], 1, 2, 3] = np.inf, np.nan
+  for a, b in zip(jax.tree_util.tree_leaves(base),
+                  jax.tree_util.tree_leaves(grads(jnp.asarray(odd)))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  dx = np.asarray(base[1])
+  assert np.all(dx[~real] == 0) and np.all(np.isfinite(dx))
+  assert np.abs(dx[real]).max() > 0
+
+
 def test_reduced_model_groups_equal_separate_passes(reduced):
   """The reduced ResNet-18 on two batches concatenated as two BatchNorm
   groups (plus padding rows) computes what two passes in turn compute

@@ -231,10 +231,15 @@ def _bn_bwd(epsilon, res, cts):
   axes = tuple(range(x.ndim - 1))
   xc = x - mean
   xhat = xc * inv
-  if real is not None:
-    dy = jnp.where(real, dy, 0.0)
-  dbias = jnp.sum(dy, axis=axes)
-  dscale = jnp.sum(dy * xhat, axis=axes)
+  # The padding rows' cotangent is masked inside the two channel sums only:
+  # their dx is zeroed below anyway. The same values as masking ``dy`` first
+  # (for any cotangent), but XLA:CPU then fuses the cotangent's producer
+  # (a conv's input gradient, a sum of shifted taps) into its consumers
+  # instead of storing each tap: ~90 fewer kernels per network instance
+  # (issue 11).
+  dyr = dy if real is None else jnp.where(real, dy, 0.0)
+  dbias = jnp.sum(dyr, axis=axes)
+  dscale = jnp.sum(dyr * xhat, axis=axes)
   # d/dx of the normalisation through the batch mean and variance, plus the
   # direct paths of the mean and variance outputs.
   dx = (inv * scale) * (dy - dbias / count - xhat * (dscale / count))
@@ -292,9 +297,10 @@ def _bn_groups_bwd(epsilon, res, cts):
   dy, dmean, dvar = cts
   shape = inv_row.shape
   xhat = xc * inv_row
-  dy = jnp.where(real, dy, 0.0)
-  dbias = member @ _row_sums(dy)             # [G, C]
-  dscale = member @ _row_sums(dy * xhat)     # [G, C]
+  # Masked inside the sums only, as in _bn_bwd (the same values).
+  dyr = jnp.where(real, dy, 0.0)
+  dbias = member @ _row_sums(dyr)             # [G, C]
+  dscale = member @ _row_sums(dyr * xhat)     # [G, C]
   per = lambda a: _per_row(member, a / count[:, None], shape)  # noqa: E731
   dx = (inv_row * scale) * (dy - per(dbias) - xhat * per(dscale))
   dx = dx + per(dmean) + 2.0 * per(dvar) * xc
